@@ -1,0 +1,148 @@
+"""DMD2's losses, each a short function beside its equation.
+
+Notation (DMD, Yin et al. 2024a; DMD2, Yin et al. 2024b, arXiv 2405.14867): G is the generator, x = G(z) its
+sample, x_t = x + sigma_t * eps the sample noised at timestep t, mu_real and mu_fake the teacher's and the
+critic's ("fake score") denoisers. Scores and denoisers are interchangeable by Tweedie's formula,
+s(x_t) = (mu(x_t) - x_t) / sigma_t^2, so every loss here is written with x0-predictions.
+
+All functions take tensors of any shape (batch first) and denoisers as callables, so the toy, image and
+text-to-image backends share them unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .diffusion import Denoiser, NoiseSchedule, add_noise, append_dims
+
+DM_TIMESTEP_FRACTIONS = (0.02, 0.98)
+"""DMD2's timestep range for the distribution-matching loss: 0.02T..0.98T, i.e. 20..980 of a 1000-step table."""
+
+
+def dm_timesteps(schedule: NoiseSchedule) -> tuple[int, int]:
+    """DMD2's DM-loss timestep range for a schedule of any length (20..980 when T = 1000)."""
+    lo, hi = DM_TIMESTEP_FRACTIONS
+    return round(lo * len(schedule)), round(hi * len(schedule))
+
+
+def _per_sample_mean(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1).mean(dim=1)
+
+
+def _normal_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def distribution_matching_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
+    """The per-sample DMD gradient direction with respect to x (DMD eq. 7-8; DMD2 eq. 2):
+
+        grad = (mu_fake(x_t) - mu_real(x_t)) / mean_{C,H,W} |x - mu_real(x_t)|
+
+    It equals the score difference (s_fake - s_real)(x_t) * sigma_t^2 times DMD's weight
+    w_t = 1 / mean|x - mu_real(x_t)|, which makes the gradient's scale the same at every noise level. Entries
+    that are not finite (e.g. a zero normaliser) are set to 0, so one bad sample cannot poison the batch.
+    """
+    if not (x.shape == real_x0.shape == fake_x0.shape):
+        raise ValueError(f"x, real_x0 and fake_x0 must have one shape; got {tuple(x.shape)}, "
+                         f"{tuple(real_x0.shape)}, {tuple(fake_x0.shape)}")
+    x, real_x0, fake_x0 = x.detach().double(), real_x0.detach().double(), fake_x0.detach().double()
+    normaliser = append_dims(_per_sample_mean((x - real_x0).abs()), x.ndim)
+    grad = (fake_x0 - real_x0) / normaliser
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def distribution_matching_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
+    """The DMD2 generator loss whose gradient with respect to x is ``distribution_matching_gradient / x.numel()``:
+
+        L_DM = 0.5 * mean((x - stopgrad(x - grad))^2)
+
+    Descending it moves each sample toward the teacher's denoised estimate and away from the critic's, i.e.
+    up the real score and down the fake one: the reverse-KL gradient of DMD eq. 7.
+    """
+    grad = distribution_matching_gradient(x, real_x0, fake_x0).to(x.dtype)
+    target = (x - grad).detach()
+    return 0.5 * torch.mean((x - target) ** 2)
+
+
+def distribution_matching_step(x: Tensor, real: Denoiser, fake: Denoiser, schedule: NoiseSchedule,
+                               timesteps: tuple[int, int] | None = None,
+                               generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Draw t uniformly in ``timesteps`` (default: :func:`dm_timesteps`) and fresh noise, noise the generator
+    sample, ask both denoisers (no grad) for x0, and return the DM loss with diagnostics (DMD2 Algorithm 1,
+    generator update)."""
+    low, high = timesteps if timesteps is not None else dm_timesteps(schedule)
+    t = schedule.sample_timesteps(x.shape[0], low, high, generator=generator, device=x.device)
+    sigma = schedule.sigma(t)
+    with torch.no_grad():
+        x_t = add_noise(x.detach(), sigma, _normal_like(x, generator))
+        real_x0, fake_x0 = real(x_t, sigma), fake(x_t, sigma)
+    loss = distribution_matching_loss(x, real_x0, fake_x0)
+    gap = _per_sample_mean((fake_x0 - real_x0).double() ** 2).sqrt()
+    return loss, {"dm_loss": loss.detach(), "real_fake_gap": gap.mean()}
+
+
+def denoising_weight(sigma: Tensor, weighting: str, sigma_data: float = 0.5) -> Tensor:
+    """Per-sample weight lambda(sigma) on the x0-regression error ||D(x_sigma) - x0||^2.
+
+    - "edm": 1/sigma^2 + 1/sigma_data^2 (EDM eq. 8 with Table 1's lambda; DMD2's ImageNet critic);
+    - "eps": 1/sigma^2, i.e. the plain epsilon MSE of DDPM (DMD2's text-to-image critic);
+    - "x0":  1, plain x0 regression.
+    """
+    if weighting == "edm":
+        return 1 / sigma ** 2 + 1 / sigma_data ** 2
+    if weighting == "eps":
+        return 1 / sigma ** 2
+    if weighting == "x0":
+        return torch.ones_like(sigma)
+    raise ValueError(f"unknown weighting {weighting!r}; expected 'edm', 'eps' or 'x0'")
+
+
+def denoising_loss(pred_x0: Tensor, x0: Tensor, sigma: Tensor, weighting: str = "edm",
+                   sigma_data: float = 0.5) -> Tensor:
+    """Denoising score matching (Vincent 2011; EDM eq. 2): mean over the batch of lambda(sigma) times the
+    per-sample mean squared x0 error. Its minimiser is the posterior mean E[x0 | x_sigma]."""
+    if pred_x0.shape != x0.shape:
+        raise ValueError(f"pred_x0 and x0 must have one shape; got {tuple(pred_x0.shape)} and {tuple(x0.shape)}")
+    weight = denoising_weight(sigma.to(pred_x0.dtype), weighting, sigma_data)
+    return torch.mean(weight * _per_sample_mean((pred_x0 - x0) ** 2))
+
+
+def denoising_score_matching(denoiser: Denoiser, x0: Tensor, schedule: NoiseSchedule,
+                             weighting: str = "edm", sigma_data: float = 0.5,
+                             timesteps: tuple[int, int] | None = None,
+                             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Train a denoiser on clean samples x0: draw t uniformly over ``timesteps`` (default: the whole table),
+    noise, and regress x0. Used for teachers (on data) and for the critic (on generator samples)."""
+    low, high = timesteps if timesteps is not None else (0, len(schedule) - 1)
+    t = schedule.sample_timesteps(x0.shape[0], low, high, generator=generator, device=x0.device)
+    sigma = schedule.sigma(t)
+    x_t = add_noise(x0, sigma, _normal_like(x0, generator))
+    loss = denoising_loss(denoiser(x_t, sigma), x0, sigma, weighting, sigma_data)
+    return loss, {"denoising_loss": loss.detach()}
+
+
+def fake_score_loss(critic: Denoiser, x: Tensor, schedule: NoiseSchedule, weighting: str = "edm",
+                    sigma_data: float = 0.5, timesteps: tuple[int, int] | None = None,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic's loss (DMD2 Algorithm 1, fake-score update): denoising score matching on the generator's
+    samples with the generator detached, so the critic tracks the generator's noised distribution."""
+    loss, _ = denoising_score_matching(critic, x.detach(), schedule, weighting, sigma_data, timesteps, generator)
+    return loss, {"critic_loss": loss.detach()}
+
+
+def mean_squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample mean squared distance, shape (batch,)."""
+    return _per_sample_mean((a - b) ** 2)
+
+
+def regression_loss(student_x: Tensor, teacher_x: Tensor,
+                    distance: Callable[[Tensor, Tensor], Tensor] = mean_squared_distance) -> Tensor:
+    """DMD1's regression loss (DMD eq. 9): E[ l(G(z), y) ] over precomputed teacher ODE pairs (z, y), with y
+    the teacher's deterministic sample from the same noise z. DMD uses LPIPS on images; any per-sample
+    distance of shape (batch,) can be passed. DMD2 drops this loss (Sec. 4.1)."""
+    if student_x.shape != teacher_x.shape:
+        raise ValueError(f"student and teacher samples must have one shape; got {tuple(student_x.shape)} and "
+                         f"{tuple(teacher_x.shape)}")
+    return distance(student_x, teacher_x.detach()).mean()
