@@ -1,0 +1,320 @@
+"""One training loop for every backend: players, TTUR, optimizers, EMA, checkpoints, guards, logs.
+
+A training problem is an *objective* with named *players* (DMD2: the generator and the critic; a teacher: one
+denoiser). Each player has its own optimizer and updates every ``every`` steps, which is DMD2's two time-scale
+update rule (TTUR): the critic updates every step, the generator every ``ratio`` steps (DMD2 Sec. 4.1). The loop
+knows nothing of backends; an objective provides
+
+    prepare(step, updating: list[str], rng) -> context     # e.g. the generator batch, with grad iff needed
+    loss(name, context, rng) -> (loss tensor, {name: tensor} diagnostics)
+
+Players update in the order they are given (DMD2: generator first, then the critic on the same batch,
+detached). Gradients of every player are cleared before each backward, so a loss that flows through another
+player's parameters (a GAN head) never leaks into that player's update.
+
+Checkpoints: ``<out_dir>/checkpoints/step-XXXXXXXX/`` holds ``models.safetensors`` (players and EMA weights) and
+``state.pt`` (optimizers, LR schedules, step, RNG states); each is written to a temporary folder first and
+renamed into place, then ``latest`` is replaced atomically, so a crash mid-write leaves the previous checkpoint
+as the one resumed.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient stopped being finite; the message names the step, the player and the quantity."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, torn or does not fit the models."""
+
+
+@dataclass
+class Player:
+    """One optimised module. AdamW with DMD2's defaults: betas (0.9, 0.999), weight decay 0.01, grad clip 10,
+    linear warm-up; ``every`` is its update period in loop steps (TTUR); ``ema_decay`` keeps an EMA copy."""
+
+    module: nn.Module
+    lr: float
+    every: int = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float | None = 10.0
+    ema_decay: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"update period 'every' must be an integer >= 1 (the TTUR ratio); got {self.every!r}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0; got {self.lr!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be None; got {self.ema_decay!r}")
+        if not any(p.requires_grad for p in self.module.parameters()):
+            raise ValueError(f"{type(self.module).__name__} has no trainable parameters to optimise")
+
+
+class Objective(Protocol):
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict: ...
+    def loss(self, name: str, context: dict, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. ``steps`` counts loop iterations (DMD2 reports critic steps, which are these)."""
+
+    steps: int
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0 (0 = never); "
+                                 f"got {getattr(self, name)!r}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
+
+
+@dataclass
+class Trainer:
+    """Runs an objective's players for ``config.steps`` steps; ``fit()`` resumes from ``out_dir`` if it holds a
+    checkpoint. ``evaluate(trainer)`` (optional) returns metrics every ``config.eval_every`` steps; they are
+    logged with the losses. ``history`` holds the logged rows."""
+
+    objective: Objective
+    players: dict[str, Player]
+    config: TrainConfig
+    out_dir: str | Path | None = None
+    evaluate: Callable[["Trainer"], dict[str, float]] | None = None
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.players:
+            raise ValueError("Trainer needs at least one player")
+        self.out_dir = Path(self.out_dir) if self.out_dir is not None else None
+        device = next(iter(self.players.values())).module.parameters().__next__().device
+        self.rng = torch.Generator(device=device).manual_seed(self.config.seed)
+        self.optimizers, self.schedules, self.ema = {}, {}, {}
+        for name, p in self.players.items():
+            opt = torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
+                                    betas=p.betas, weight_decay=p.weight_decay, foreach=True)
+            warmup = max(p.warmup_steps, 1)
+            self.optimizers[name] = opt
+            self.schedules[name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, w=warmup: min(1.0, (k + 1) / w))
+            if p.ema_decay is not None:
+                self.ema[name] = AveragedModel(p.module, multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay))
+        self._running: dict[str, list[float]] = {}
+        self._writer = None
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def fit(self) -> list[dict[str, float]]:
+        if self.out_dir is not None and latest_checkpoint(self.out_dir) is not None:
+            self.load(latest_checkpoint(self.out_dir))
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.config.progress, desc="train")
+        started = time.perf_counter()
+        while self.step < self.config.steps:
+            self._train_step()
+            self.step += 1
+            bar.update(1)
+            if self.config.eval_every and self.step % self.config.eval_every == 0 and self.evaluate:
+                self._record(self.evaluate(self))
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                row = self._flush_log(time.perf_counter() - started)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
+            if self.out_dir is not None and (self.step == self.config.steps or (
+                    self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0)):
+                self.save()
+        bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        return self.history
+
+    def _train_step(self):
+        updating = [n for n, p in self.players.items() if self.step % p.every == 0]
+        context = self.objective.prepare(self.step, updating, self.rng)
+        for name in updating:
+            player = self.players[name]
+            loss, logs = self.objective.loss(name, context, self.rng)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(self._stop_message(f"{name} loss is {loss.item()}"))
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [q for q in player.module.parameters() if q.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, player.grad_clip if player.grad_clip else math.inf)
+            if not torch.isfinite(norm):
+                raise NonFiniteError(self._stop_message(f"{name} gradient norm is {norm.item()}"))
+            self.optimizers[name].step()
+            self.schedules[name].step()
+            if name in self.ema:
+                self.ema[name].update_parameters(player.module)
+            self._record({**logs, f"{name}_grad_norm": norm.detach()})
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def _stop_message(self, what: str) -> str:
+        kept = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+        where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written"
+        return (f"step {self.step}: {what} (non-finite); training stopped and {where}. Lower the learning rate, "
+                f"check the inputs for NaN/Inf, or resume from the checkpoint.")
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _record(self, values: dict):
+        for k, v in values.items():
+            self._running.setdefault(k, []).append(float(v))
+
+    def _flush_log(self, elapsed: float) -> dict[str, float]:
+        row = {"step": self.step, "elapsed_s": round(elapsed, 3)}
+        row.update({k: float(np.mean(v)) for k, v in self._running.items()})
+        row.update({f"lr_{n}": s.get_last_lr()[0] for n, s in self.schedules.items()})
+        self._running.clear()
+        self.history.append(row)
+        if self.out_dir is not None:
+            self._write_csv()
+            if self.config.tensorboard:
+                self._tensorboard(row)
+        return row
+
+    def _write_csv(self):
+        path = self.out_dir / "log.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        # Rewrite the whole file when a new column appears; otherwise append the new row.
+        rewrite = not path.exists() or path.read_text().split("\n", 1)[0].split(",") != keys
+        with open(path, "w" if rewrite else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            if rewrite:
+                writer.writeheader()
+                writer.writerows(self.history)
+            else:
+                writer.writerow(self.history[-1])
+
+    def _tensorboard(self, row: dict):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        for k, v in row.items():
+            if k != "step":
+                self._writer.add_scalar(k, v, row["step"])
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {}
+        for name, p in self.players.items():
+            tensors.update({f"{name}.{k}": v for k, v in p.module.state_dict().items()})
+        for name, ema in self.ema.items():
+            tensors.update({f"ema.{name}.{k}": v for k, v in ema.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def save(self) -> Path:
+        """Write a checkpoint atomically and prune old ones; returns its folder."""
+        root = self.out_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        save_file(self.state_tensors(), str(tmp / "models.safetensors"))
+        torch.save({
+            "step": self.step, "history": self.history, "config": asdict(self.config),
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedules": {n: s.state_dict() for n, s in self.schedules.items()},
+            "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+        }, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(self.out_dir / "latest", final.name)
+        for old in sorted(p for p in root.glob("step-*") if p != final)[:-(self.config.keep_checkpoints - 1) or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, folder: str | Path):
+        """Restore players, EMA, optimizers, schedules, step and RNG from a checkpoint folder."""
+        folder = Path(folder)
+        try:
+            tensors = load_file(str(folder / "models.safetensors"))
+            state = torch.load(folder / "state.pt", weights_only=False)
+        except Exception as e:  # safetensors and pickle raise many types for torn files
+            raise CheckpointError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e}); it may be "
+                                  f"truncated or corrupt. Delete it and point '{folder.parent.parent}/latest' at "
+                                  f"an earlier step-* folder, or start in a fresh out_dir.") from e
+        try:
+            for name, p in self.players.items():
+                p.module.load_state_dict(_prefixed(tensors, f"{name}."))
+            for name, ema in self.ema.items():
+                ema.load_state_dict(_prefixed(tensors, f"ema.{name}."))
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+                self.schedules[name].load_state_dict(state["schedules"][name])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {folder} does not fit these players/models ({e}); was it written "
+                                  f"by another configuration?") from e
+        self.step, self.history = state["step"], state["history"]
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+
+    def module(self, name: str, ema: bool = True) -> nn.Module:
+        """A player's module, or its EMA copy when it has one and ``ema`` is set."""
+        return self.ema[name].module if ema and name in self.ema else self.players[name].module
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The folder ``<out_dir>/latest`` names, None when no checkpoint was ever completed there."""
+    pointer = Path(out_dir) / "latest"
+    if not pointer.exists():
+        return None
+    folder = Path(out_dir) / "checkpoints" / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"{pointer} names {folder}, which does not exist; restore it or delete {pointer} "
+                              "to start fresh")
+    return folder
+
+
+def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not picked:
+        raise KeyError(f"no tensors under '{prefix}'")
+    return picked
+
+
+def _fsync(path: Path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
