@@ -14,6 +14,7 @@ Training-time noise levels are integer timesteps into a :class:`NoiseSchedule` t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,7 +31,8 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
 
 
 def _check_sigma(sigma: Tensor, x: Tensor) -> Tensor:
-    sigma = torch.as_tensor(sigma, device=x.device)
+    # A Python float becomes float64, not torch's default float32: the conversions promise float64 accuracy.
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=None if torch.is_tensor(sigma) else torch.float64)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
@@ -78,8 +80,7 @@ class NoiseSchedule:
         """Log-uniform levels: a uniform integer t gives a log-uniform sigma (the toy's choice)."""
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        return cls(torch.logspace(torch.log10(torch.tensor(sigma_min)).item(),
-                                  torch.log10(torch.tensor(sigma_max)).item(), num, dtype=torch.float64))
+        return cls(torch.logspace(math.log10(sigma_min), math.log10(sigma_max), num, dtype=torch.float64))
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSchedule":

@@ -24,7 +24,7 @@ DM_TIMESTEP_FRACTIONS = (0.02, 0.98)
 def dm_timesteps(schedule: NoiseSchedule) -> tuple[int, int]:
     """DMD2's DM-loss timestep range for a schedule of any length (20..980 when T = 1000)."""
     lo, hi = DM_TIMESTEP_FRACTIONS
-    return round(lo * len(schedule)), round(hi * len(schedule))
+    return round(lo * len(schedule)), min(round(hi * len(schedule)), len(schedule) - 1)
 
 
 def _per_sample_mean(v: Tensor) -> Tensor:
@@ -61,9 +61,10 @@ def distribution_matching_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> T
     Descending it moves each sample toward the teacher's denoised estimate and away from the critic's, i.e.
     up the real score and down the fake one: the reverse-KL gradient of DMD eq. 7.
     """
-    grad = distribution_matching_gradient(x, real_x0, fake_x0).to(x.dtype)
-    target = (x - grad).detach()
-    return 0.5 * torch.mean((x - target) ** 2)
+    # In float64: in float32, x - (x - grad) loses the low bits of grad when grad << x.
+    x64 = x.double()
+    target = (x64 - distribution_matching_gradient(x, real_x0, fake_x0)).detach()
+    return (0.5 * torch.mean((x64 - target) ** 2)).to(x.dtype)
 
 
 def distribution_matching_step(x: Tensor, real: Denoiser, fake: Denoiser, schedule: NoiseSchedule,

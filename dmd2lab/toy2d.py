@@ -25,6 +25,8 @@ class GaussianMixture:
 
     def __init__(self, means: Tensor, stds: Tensor | float, weights: Tensor | None = None):
         means = torch.as_tensor(means)
+        if not means.is_floating_point():
+            means = means.double()  # integer means would truncate the stds and weights cast to their dtype
         if means.ndim != 2 or means.shape[0] < 1:
             raise ValueError(f"means must have shape (components, dim); got {tuple(means.shape)}")
         k = means.shape[0]
@@ -184,7 +186,10 @@ class MLPDenoiser(nn.Module):
 
     def _sigma(self, x: Tensor, sigma) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        if sigma.shape != (x.shape[0],) or torch.any(sigma <= 0):
+            raise ValueError(f"sigma must be > 0, a scalar or shape ({x.shape[0]},); got shape {tuple(sigma.shape)}")
+        return sigma
 
     def features(self, x: Tensor, sigma) -> Tensor:
         sigma = self._sigma(x, sigma)
