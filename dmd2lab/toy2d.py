@@ -181,7 +181,8 @@ class MLPDenoiser(nn.Module):
         self.embed = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.SiLU())
         self.inp = nn.Linear(data_dim, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.films = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in range(depth))
+        # Every layer's scale and shift from one matmul: on CPU these tiny nets are bound by autograd overhead.
+        self.film = nn.Linear(hidden, 2 * hidden * depth)
         self.out = nn.Linear(hidden, data_dim)
 
     def _sigma(self, x: Tensor, sigma) -> Tensor:
@@ -196,8 +197,8 @@ class MLPDenoiser(nn.Module):
         angle = (sigma.log() / 4)[:, None] * self.frequencies
         emb = self.embed(torch.cat([angle.sin(), angle.cos()], 1))
         h = self.inp(x.float() / (sigma[:, None] ** 2 + self.sigma_data ** 2).sqrt())
-        for layer, film in zip(self.layers, self.films):
-            scale, shift = film(emb).chunk(2, dim=1)
+        modulation = self.film(emb).chunk(2 * len(self.layers), dim=1)
+        for layer, scale, shift in zip(self.layers, modulation[0::2], modulation[1::2]):
             h = layer(F.silu(h)) * (1 + scale) + shift
         return F.silu(h)
 

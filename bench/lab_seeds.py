@@ -1,0 +1,87 @@
+"""Run one lab on many seeds (headless, papermill, in parallel) and print its claims and metrics per seed.
+
+    python bench/lab_seeds.py 01 --seeds 0-9 --workers 2 [-p quick True] [--metrics student_mmd teacher100_mmd]
+
+Every claim a lab asserts must hold on any seed: this is how the margins in the labs are measured. Executed
+notebooks and results go to runs/seeds/<lab>/seed-N.{ipynb,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from dmd2lab import labs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def seeds(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def run_one(lab: str, seed: int, out: str, parameters: dict) -> dict:
+    import papermill
+    os.environ[labs.HEADLESS_ENV] = "1"
+    path = next(p for p in labs.find_labs(ROOT / "labs") if p.stem.startswith(lab))
+    results = Path(out) / f"seed-{seed}.json"
+    results.unlink(missing_ok=True)
+    started, error = time.perf_counter(), None
+    try:
+        papermill.execute_notebook(str(path), str(Path(out) / f"seed-{seed}.ipynb"), kernel_name="python3",
+                                   parameters={**parameters, "seed": seed, "results_path": str(results)},
+                                   cwd=str(path.parent), progress_bar=False)
+    except Exception as e:
+        error = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+    data = json.loads(results.read_text()) if results.exists() else {"claims": {}, "metrics": {}}
+    return {"seed": seed, "wall_s": time.perf_counter() - started, "error": error, **data}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lab", help="lab name or prefix, e.g. 01")
+    parser.add_argument("--seeds", default="0-4")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("--metrics", nargs="*", default=None, help="metric columns (default: all)")
+    args = parser.parse_args(argv)
+    parameters = {k: yaml.safe_load(v) for k, v in args.parameter}
+    out = ROOT / "runs" / "seeds" / args.lab
+    out.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = list(pool.map(run_one, [args.lab] * len(seeds(args.seeds)), seeds(args.seeds),
+                             [str(out)] * len(seeds(args.seeds)), [parameters] * len(seeds(args.seeds))))
+    claim_names = sorted({c for r in rows for c in r["claims"]})
+    metric_names = args.metrics or sorted({m for r in rows for m in r["metrics"]})
+    print(f"lab {args.lab}, parameters {parameters or 'defaults'}, {len(rows)} seeds\n")
+    print("| seed | wall (s) | claims held | " + " | ".join(metric_names) + " |")
+    print("|---" * (3 + len(metric_names)) + "|")
+    for r in rows:
+        held = sum(r["claims"].get(c, False) for c in claim_names)
+        failed = [c for c in claim_names if not r["claims"].get(c, False)]
+        print(f"| {r['seed']} | {r['wall_s']:.0f} | {held}/{len(claim_names)}"
+              f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''} | "
+              + " | ".join(f"{r['metrics'].get(m, float('nan')):.4g}" for m in metric_names) + " |")
+    print("\n| metric | min | max |\n|---|---|---|")
+    for m in metric_names:
+        values = [r["metrics"][m] for r in rows if m in r["metrics"]]
+        if values:
+            print(f"| {m} | {min(values):.4g} | {max(values):.4g} |")
+    bad = [r for r in rows if r["error"] or not r["claims"] or not all(r["claims"].values())]
+    for r in bad:
+        print(f"seed {r['seed']}: {r['error'] or 'claims failed'}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

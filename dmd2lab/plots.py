@@ -1,0 +1,60 @@
+"""Figures the labs draw; each takes an Axes (or makes one) so a widget can redraw it."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from .toy2d import GaussianMixture
+
+
+def _axes(ax):
+    return ax if ax is not None else plt.subplots(figsize=(4, 4))[1]
+
+
+def plot_samples(samples: Tensor, data: GaussianMixture | None = None, title: str = "", ax=None, lim: float = 3.2):
+    """Scatter of 2-D samples over the true mixture's 2-sigma circles."""
+    ax = _axes(ax)
+    if data is not None:
+        for mu, s in zip(data.means.tolist(), data.stds.tolist()):
+            ax.add_patch(plt.Circle(mu, 2 * s, fill=False, color="0.6", lw=0.8))
+    x = samples.detach().cpu().float()
+    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title, xticks=[], yticks=[])
+    return ax
+
+
+def score_difference_field(data: GaussianMixture, generator_samples: Tensor, sigma: float, lim: float = 3.0,
+                           resolution: int = 21) -> tuple[Tensor, Tensor]:
+    """Grid points and the exact s_real - s_fake at noise level sigma: the teacher's score minus the score of
+    the generator's noised sample distribution. Its direction is where DMD moves a sample (DMD eq. 7)."""
+    axis = torch.linspace(-lim, lim, resolution, dtype=torch.float64)
+    gx, gy = torch.meshgrid(axis, axis, indexing="xy")
+    grid = torch.stack([gx.flatten(), gy.flatten()], 1)
+    fake = GaussianMixture(generator_samples.detach().double().cpu(), 0.0)
+    return grid, data.score(grid, sigma) - fake.score(grid, sigma)
+
+
+def plot_score_difference(data: GaussianMixture, generator_samples: Tensor, sigma: float, ax=None,
+                          lim: float = 3.0):
+    """Generator samples with the exact score-difference field at sigma drawn over them."""
+    ax = _axes(ax)
+    grid, field = score_difference_field(data, generator_samples, sigma, lim)
+    # Arrow length ~ sigma^2 * |field|, the displacement of the denoised estimate; clipped for legibility.
+    step = (sigma ** 2 * field).clamp(-1.0, 1.0)
+    plot_samples(generator_samples, data, ax=ax, lim=lim)
+    ax.quiver(grid[:, 0], grid[:, 1], step[:, 0], step[:, 1], color="C3", angles="xy", scale_units="xy",
+              scale=1.0, width=0.004)
+    ax.set_title(f"s_real - s_fake at sigma = {sigma:.2g}")
+    return ax
+
+
+def plot_history(history: list[dict], keys: list[str], ax=None, logy: bool = True):
+    """Logged training curves (Trainer.history) against the step."""
+    ax = ax if ax is not None else plt.subplots(figsize=(5, 3))[1]
+    steps = [row["step"] for row in history]
+    for key in keys:
+        ax.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
+    ax.set(xlabel="step", yscale="log" if logy else "linear")
+    ax.legend()
+    return ax
