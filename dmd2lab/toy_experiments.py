@@ -82,8 +82,8 @@ def distill_one_step(teacher: Denoiser, data: GaussianMixture, critic: str = "le
     module) and trained every step, the generator every ``ratio`` steps (TTUR); "oracle" — the exact fake score
     of ``oracle_samples`` fresh generator samples at every call (no critic to train, so ratio is 1).
     ``generator_steps`` is the number of generator updates, so runs with different ratios are compared at an
-    equal generator budget. The generator's lr defaults to 1e-3: at 3e-3 one mode ended with <= 4% of its mass
-    on 3 of 25 ring runs (learned and exact critic alike), at 1e-3 on none of 10 (weakest mode >= 19%).
+    equal generator budget. The generator's lr defaults to 1e-3: a mode kept less than 5% of its mass in 3 of 36
+    measured ring runs at 3e-3, in 1 of 50 at 1e-3 (docs/results.md).
     """
     if critic not in ("learned", "oracle"):
         raise ValueError(f"critic must be 'learned' or 'oracle'; got {critic!r}")
