@@ -36,15 +36,19 @@ def score_difference_field(data: GaussianMixture, generator_samples: Tensor, sig
 
 
 def plot_score_difference(data: GaussianMixture, generator_samples: Tensor, sigma: float, ax=None,
-                          lim: float = 3.0):
-    """Generator samples with the exact score-difference field at sigma drawn over them."""
+                          lim: float = 3.0, resolution: int = 21):
+    """Generator samples with the exact score-difference field at sigma drawn over them: arrows of one length
+    show the direction a sample is pushed, their colour the size of the push, log10 |sigma^2 (s_real - s_fake)|
+    (the distance between the two denoised estimates)."""
     ax = _axes(ax)
-    grid, field = score_difference_field(data, generator_samples, sigma, lim)
-    # Arrow length ~ sigma^2 * |field|, the displacement of the denoised estimate; clipped for legibility.
-    step = (sigma ** 2 * field).clamp(-1.0, 1.0)
-    plot_samples(generator_samples, data, ax=ax, lim=lim)
-    ax.quiver(grid[:, 0], grid[:, 1], step[:, 0], step[:, 1], color="C3", angles="xy", scale_units="xy",
-              scale=1.0, width=0.004)
+    grid, field = score_difference_field(data, generator_samples, sigma, lim, resolution)
+    push = sigma ** 2 * field.norm(dim=1)
+    direction = field / field.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    plot_samples(generator_samples, data, ax=ax, lim=lim + 0.2)
+    arrows = ax.quiver(grid[:, 0], grid[:, 1], direction[:, 0], direction[:, 1], push.clamp_min(1e-6).log10(),
+                       cmap="viridis", angles="xy", scale_units="xy", scale=1 / (0.8 * 2 * lim / (resolution - 1)),
+                       width=0.005)
+    ax.figure.colorbar(arrows, ax=ax, shrink=0.7, label="log10 push")
     ax.set_title(f"s_real - s_fake at sigma = {sigma:.2g}")
     return ax
 
