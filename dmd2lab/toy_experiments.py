@@ -64,7 +64,7 @@ class Distillation:
     wall_s: float
 
     def sample(self, n: int, seed: int = 0) -> Tensor:
-        noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(n, self.generator.noise_dim, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             return self.generator(noise)
 

@@ -118,7 +118,7 @@ class Trainer:
         if not self.players:
             raise ValueError("Trainer needs at least one player")
         self.out_dir = Path(self.out_dir) if self.out_dir is not None else None
-        device = next(iter(self.players.values())).module.parameters().__next__().device
+        device = next(next(iter(self.players.values())).module.parameters()).device
         self.rng = torch.Generator(device=device).manual_seed(self.config.seed)
         self.optimizers, self.schedules, self.ema = {}, {}, {}
         for name, p in self.players.items():
@@ -237,6 +237,8 @@ class Trainer:
         """Write a checkpoint atomically and prune old ones; returns its folder."""
         root = self.out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
+        for torn in root.glob(".step-*"):  # left by a process killed mid-write; never pointed at by 'latest'
+            shutil.rmtree(torn, ignore_errors=True)
         final = root / f"step-{self.step:08d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         save_file(self.state_tensors(), str(tmp / "models.safetensors"))
