@@ -220,3 +220,11 @@ def test_a_torn_write_is_cleaned_up_and_the_previous_checkpoint_resumed(tmp_path
     resumed.fit()
     assert resumed.history[0]["step"] == 1 and resumed.step == 20  # history restored from step 10, then continued
     assert not torn.exists()
+
+
+def test_tensorboard_logging_is_optional_and_writes_events(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    trainer = _toy_trainer(4, tmp_path)
+    trainer.config.tensorboard = True
+    trainer.fit()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
