@@ -15,9 +15,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
-
 from dmd2lab import labs
+from dmd2lab.cli import parameter_value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,10 +29,17 @@ def seeds(spec: str) -> list[int]:
     return out
 
 
+def lab_path(lab: str) -> Path:
+    matches = [p for p in labs.find_labs(ROOT / "labs") if p.stem.startswith(lab)]
+    if len(matches) != 1:
+        raise SystemExit(f"lab {lab!r} matches {len(matches)} labs in {ROOT / 'labs'}; give a unique prefix")
+    return matches[0]
+
+
 def run_one(lab: str, seed: int, out: str, parameters: dict) -> dict:
     import papermill
     os.environ[labs.HEADLESS_ENV] = "1"
-    path = next(p for p in labs.find_labs(ROOT / "labs") if p.stem.startswith(lab))
+    path = lab_path(lab)
     results = Path(out) / f"seed-{seed}.json"
     results.unlink(missing_ok=True)
     started, error = time.perf_counter(), None
@@ -55,7 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--metrics", nargs="*", default=None, help="metric columns (default: all)")
     args = parser.parse_args(argv)
-    parameters = {k: yaml.safe_load(v) for k, v in args.parameter}
+    parameters = {k: parameter_value(v) for k, v in args.parameter}
+    lab_path(args.lab)
     out = ROOT / "runs" / "seeds" / args.lab
     out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers) as pool:

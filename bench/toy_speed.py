@@ -50,8 +50,10 @@ def lab_times() -> list[tuple[str, float]]:
         out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "dmd2lab.cli", "labs", "run", "--labs", str(lab.parent), "--out", str(out),
                    "--only", lab.stem]
-        wall = timed(lambda: subprocess.run(command, check=True, capture_output=True))
-        rows.append((lab.stem, wall))
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        status = "" if result.returncode == 0 else " (FAILED: see runs/bench/summary.md)"
+        rows.append((lab.stem + status, time.perf_counter() - started))
     return rows
 
 

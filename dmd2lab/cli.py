@@ -4,13 +4,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
+def parameter_value(raw: str):
+    """A -p value read the way papermill's own -p reads it: True/False/None, then int, then float, else str."""
+    if raw in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[raw]
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def _parameter(pair: list[str]) -> tuple[str, object]:
-    # Values are read as YAML, as papermill's own -p does: False -> bool, 3 -> int, 1e-3 -> float.
     name, raw = pair
-    return name, yaml.safe_load(raw)
+    return name, parameter_value(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:

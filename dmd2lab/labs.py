@@ -23,6 +23,11 @@ HEADLESS_ENV = "DMD2LAB_HEADLESS"
 """Set to 1 by the batch runner and the test suite: widgets are skipped, static figures still drawn."""
 
 PAPERMILL_HEADER = "# Parameters"
+REQUIRED = {"seed", "quick", "device", "results_path"}
+
+
+def _is_injected(source: str) -> bool:
+    return source.lstrip().split("\n", 1)[0].strip() == PAPERMILL_HEADER
 
 
 @dataclass
@@ -35,7 +40,11 @@ class LabContext:
 def _assigned(source: str) -> dict[str, object]:
     """Names assigned at the top level of a cell, with their literal values (None when not a literal)."""
     values = {}
-    for node in ast.parse(source).body:
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:  # e.g. a cell with IPython magics: it declares nothing we can read
+        return values
+    for node in body:
         if isinstance(node, ast.Assign):
             for target in node.targets:
                 if isinstance(target, ast.Name):
@@ -80,17 +89,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def start(namespace: dict) -> LabContext:
+def start(namespace: dict, cpu_threads: int = 1) -> LabContext:
     """Call first thing after the parameters cell with ``globals()``: checks papermill-injected parameters
-    (read from the kernel's input history), seeds everything, and sets CPU threading for tiny models
-    (one thread is 4-50x faster than two on small MLPs under contention; denormal flushing ~10x)."""
+    (read from the kernel's input history), seeds everything, and sets ``cpu_threads`` for work on the CPU
+    whatever the device (one thread is 4-50x faster than two on small MLPs under contention, and the labs'
+    claims were measured on one; denormal flushing ~10x)."""
     import numpy as np
     import torch
     history = namespace.get("In") or []
-    # In[-1] is this cell; papermill executes its injected cell right before it, after the parameters cell.
-    if len(history) >= 3 and history[-2].lstrip().startswith(PAPERMILL_HEADER):
+    # In[-1] is this cell; papermill executes its injected cell (first line exactly "# Parameters") right before
+    # it, after the lab's parameters cell. Without injection, In[-2] is the lab's own parameters cell.
+    if len(history) >= 3 and _is_injected(history[-2]) and REQUIRED <= set(_assigned(history[-3])):
         check_injected_parameters(history[-3], history[-2])
-    for name in ("seed", "quick", "device", "results_path"):
+    for name in sorted(REQUIRED):
         if name not in namespace:
             raise NameError(f"the lab's parameters cell must define {name!r}")
     seed, quick = namespace["seed"], namespace["quick"]
@@ -99,8 +110,7 @@ def start(namespace: dict) -> LabContext:
     if not isinstance(quick, bool):
         raise TypeError(f"quick must be True or False; got {quick!r}")
     device = resolve_device(namespace["device"])
-    if device == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(cpu_threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -109,11 +119,16 @@ def start(namespace: dict) -> LabContext:
 
 def finish(results_path: str | Path, claims: dict[str, bool], metrics: dict[str, float], **extra) -> dict:
     """Write ``{"claims", "metrics", ...}`` to results_path (atomically), then assert every claim."""
-    bad = [k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    values = {}
+    for k, v in metrics.items():
+        try:
+            values[k] = float(v)  # ints, floats, numpy and 0-d tensor scalars
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {k!r} must be a number; got {type(v).__name__}") from None
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"metrics must be finite numbers; not so for {', '.join(bad)}")
-    results = {"claims": {k: bool(v) for k, v in claims.items()},
-               "metrics": {k: float(v) for k, v in metrics.items()}, **extra}
+        raise ValueError(f"metrics must be finite; not so for {', '.join(bad)}")
+    results = {"claims": {k: bool(v) for k, v in claims.items()}, "metrics": values, **extra}
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -176,6 +191,8 @@ def run_labs(lab_dir: str | Path = "labs", out_dir: str | Path = "runs", only: l
         if not labs:
             raise ValueError(f"--only {only} matches no lab in {lab_dir}")
     parameters = dict(parameters or {})
+    if "results_path" in parameters:
+        raise ValueError("results_path is set per lab by the runner (<out>/<lab>.json); choose the folder with --out")
     declared = {p: declared_parameters(p) for p in labs}
     unknown = [k for k in parameters if not any(k in d for d in declared.values())]
     if unknown:

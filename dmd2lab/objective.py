@@ -54,6 +54,10 @@ class DMD2Objective:
                  regression_pairs: tuple[Tensor, Tensor] | None = None):
         if settings.regression_weight > 0 and regression_pairs is None:
             raise ValueError("regression_weight > 0 needs regression_pairs=(noise, teacher_samples)")
+        if isinstance(fake, nn.Module) and not any(p.requires_grad for p in fake.parameters()):
+            raise ValueError(f"the critic {type(fake).__name__} has no trainable parameters, so it would never "
+                             "learn the generator (a frozen copy of the teacher makes the DM gradient 0). Call "
+                             ".requires_grad_(True) on it, or pass a plain function for a fixed fake score.")
         self.generator, self.fake, self.real, self.schedule = generator, fake, real, schedule
         self.sample_latents, self.settings, self.regression_pairs = sample_latents, settings, regression_pairs
 
@@ -65,7 +69,7 @@ class DMD2Objective:
                              f"{ratio!r}")
         ema = kwargs.pop("ema_decay", None)
         players = {"generator": Player(self.generator, lr_generator, every=ratio, ema_decay=ema, **kwargs)}
-        if isinstance(self.fake, nn.Module) and any(p.requires_grad for p in self.fake.parameters()):
+        if isinstance(self.fake, nn.Module):
             players["critic"] = Player(self.fake, lr_critic, every=1, **kwargs)
         return players
 

@@ -127,10 +127,11 @@ def critic_tracking(teacher: Denoiser, num_reference: int = 2048, num_points: in
     """An ``evaluate`` hook for a learned-critic distillation: the critic's error against the exact fake score
     (the noised density of ``num_reference`` current generator samples), beside the frozen teacher's error
     against the same reference — how much the critic has learned about the generator that the teacher has
-    not. Uses its own RNG so that evaluating does not change the training run."""
-    rng = torch.Generator().manual_seed(seed)
+    not. Its randomness is its own, derived from (seed, step): evaluating never changes the training run, and a
+    resumed run measures the same numbers."""
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + trainer.step)
         generator, critic = trainer.players["generator"].module, trainer.players["critic"].module
         with torch.no_grad():
             reference = GaussianMixture(generator(torch.randn(num_reference, generator.noise_dim, generator=rng)), 0.0)

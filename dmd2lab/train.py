@@ -13,7 +13,7 @@ detached). Gradients of every player are cleared before each backward, so a loss
 player's parameters (a GAN head) never leaks into that player's update.
 
 Checkpoints: ``<out_dir>/checkpoints/step-XXXXXXXX/`` holds ``models.safetensors`` (players and EMA weights) and
-``state.pt`` (optimizers, LR schedules, step, RNG states); each is written to a temporary folder first and
+``state.pt`` (optimizers, step, log, RNG states); each is written to a temporary folder first and
 renamed into place, then ``latest`` is replaced atomically, so a crash mid-write leaves the previous checkpoint
 as the one resumed.
 """
@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,9 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Player:
     """One optimised module. AdamW with DMD2's defaults: betas (0.9, 0.999), weight decay 0.01, grad clip 10,
-    linear warm-up; ``every`` is its update period in loop steps (TTUR); ``ema_decay`` keeps an EMA copy."""
+    a linear warm-up over ``warmup_steps`` LOOP steps (as DMD2's code steps every scheduler every iteration, so at
+    TTUR ratio 5 the generator is warm after warmup_steps / 5 of its own updates); ``every`` is its update period
+    in loop steps (TTUR); ``ema_decay`` keeps an EMA copy."""
 
     module: nn.Module
     lr: float
@@ -120,17 +121,16 @@ class Trainer:
         self.out_dir = Path(self.out_dir) if self.out_dir is not None else None
         device = next(next(iter(self.players.values())).module.parameters()).device
         self.rng = torch.Generator(device=device).manual_seed(self.config.seed)
-        self.optimizers, self.schedules, self.ema = {}, {}, {}
+        self.optimizers, self.ema = {}, {}
         for name, p in self.players.items():
-            opt = torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
-                                    betas=p.betas, weight_decay=p.weight_decay, foreach=True)
-            warmup = max(p.warmup_steps, 1)
-            self.optimizers[name] = opt
-            self.schedules[name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, w=warmup: min(1.0, (k + 1) / w))
+            self.optimizers[name] = torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad],
+                                                      lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
+                                                      foreach=True)
             if p.ema_decay is not None:
                 self.ema[name] = AveragedModel(p.module, multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay))
         self._running: dict[str, list[float]] = {}
         self._writer = None
+        self._rewrite_log = False
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, float]]:
@@ -138,7 +138,7 @@ class Trainer:
             self.load(latest_checkpoint(self.out_dir))
         from tqdm.auto import tqdm
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.config.progress, desc="train")
-        started = time.perf_counter()
+        started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         while self.step < self.config.steps:
             self._train_step()
             self.step += 1
@@ -171,13 +171,20 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, player.grad_clip if player.grad_clip else math.inf)
             if not torch.isfinite(norm):
                 raise NonFiniteError(self._stop_message(f"{name} gradient norm is {norm.item()}"))
+            for group in self.optimizers[name].param_groups:
+                group["lr"] = self.learning_rate(name)
             self.optimizers[name].step()
-            self.schedules[name].step()
             if name in self.ema:
                 self.ema[name].update_parameters(player.module)
             self._record({**logs, f"{name}_grad_norm": norm.detach()})
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+
+    def learning_rate(self, name: str, step: int | None = None) -> float:
+        """The player's lr at a loop step: linear warm-up over its warmup_steps loop steps, then constant."""
+        p = self.players[name]
+        step = self.step if step is None else step
+        return p.lr * min(1.0, (step + 1) / max(p.warmup_steps, 1))
 
     def _stop_message(self, what: str) -> str:
         kept = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
@@ -193,7 +200,7 @@ class Trainer:
     def _flush_log(self, elapsed: float) -> dict[str, float]:
         row = {"step": self.step, "elapsed_s": round(elapsed, 3)}
         row.update({k: float(np.mean(v)) for k, v in self._running.items()})
-        row.update({f"lr_{n}": s.get_last_lr()[0] for n, s in self.schedules.items()})
+        row.update({f"lr_{n}": self.learning_rate(n, self.step - 1) for n in self.players})
         self._running.clear()
         self.history.append(row)
         if self.out_dir is not None:
@@ -206,8 +213,10 @@ class Trainer:
         path = self.out_dir / "log.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for row in self.history for k in row))
-        # Rewrite the whole file when a new column appears; otherwise append the new row.
-        rewrite = not path.exists() or path.read_text().split("\n", 1)[0].split(",") != keys
+        # Rewrite the whole file after a resume (it may hold rows past the checkpoint) or when a new column
+        # appears; otherwise append the new row.
+        rewrite = self._rewrite_log or not path.exists() or path.read_text().split("\n", 1)[0].split(",") != keys
+        self._rewrite_log = False
         with open(path, "w" if rewrite else "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             if rewrite:
@@ -237,30 +246,34 @@ class Trainer:
         """Write a checkpoint atomically and prune old ones; returns its folder."""
         root = self.out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:08d}"
+        if latest_checkpoint(self.out_dir) == final:
+            return final  # this very step is already the saved state
         for torn in root.glob(".step-*"):  # left by a process killed mid-write; never pointed at by 'latest'
             shutil.rmtree(torn, ignore_errors=True)
-        final = root / f"step-{self.step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
         save_file(self.state_tensors(), str(tmp / "models.safetensors"))
         torch.save({
             "step": self.step, "history": self.history, "config": asdict(self.config),
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "schedules": {n: s.state_dict() for n, s in self.schedules.items()},
             "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
         }, tmp / "state.pt")
         for f in tmp.iterdir():
             _fsync(f)
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(final)  # a folder of an abandoned run (latest names an earlier step): not ours to keep
         os.replace(tmp, final)
+        _fsync(root)
         _atomic_write_text(self.out_dir / "latest", final.name)
         for old in sorted(p for p in root.glob("step-*") if p != final)[:-(self.config.keep_checkpoints - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load(self, folder: str | Path):
-        """Restore players, EMA, optimizers, schedules, step and RNG from a checkpoint folder."""
+        """Restore players, EMA, optimizers, step, log and RNG states from a checkpoint folder."""
         folder = Path(folder)
         try:
             tensors = load_file(str(folder / "models.safetensors"))
@@ -276,13 +289,15 @@ class Trainer:
                 ema.load_state_dict(_prefixed(tensors, f"ema.{name}."))
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
-                self.schedules[name].load_state_dict(state["schedules"][name])
         except (KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {folder} does not fit these players/models ({e}); was it written "
                                   f"by another configuration?") from e
         self.step, self.history = state["step"], state["history"]
+        self._rewrite_log = True
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
 
@@ -311,8 +326,12 @@ def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def _fsync(path: Path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a folder's entries (after a rename into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str):
@@ -320,3 +339,4 @@ def _atomic_write_text(path: Path, text: str):
     tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)

@@ -142,3 +142,36 @@ def test_widget_is_skipped_headless_and_outside_a_kernel(monkeypatch):
     monkeypatch.delenv(labs.HEADLESS_ENV)
     assert labs.show_widget(lambda s: calls.append(s), s=(0.0, 1.0)) is None  # plain Python: no kernel
     assert calls == []
+
+
+def test_lab_runs_top_to_bottom_like_a_front_end_without_parameters(tmp_path):
+    """Jupyter's Run All, nbconvert --execute and papermill without -p keep the kernel's input history and inject
+    nothing: labs.start must not mistake the lab's own parameters cell (even one whose comment starts with
+    '# Parameters') for papermill's injected cell."""
+    import nbclient
+    _lab(tmp_path / "01_x.ipynb", "labs.finish(results_path, {'ok': margin == 1.0}, {'m': margin})")
+    nb = nbformat.read(tmp_path / "01_x.ipynb", as_version=4)
+    nb.cells[0].source = "# Parameters: papermill -p NAME VALUE overrides these\n" + nb.cells[0].source
+    nbclient.NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert json.loads((tmp_path / "r.json").read_text())["claims"] == {"ok": True}
+
+
+def test_finish_accepts_numpy_and_tensor_scalars_and_names_a_non_number(tmp_path):
+    import numpy as np
+    import torch
+    out = labs.finish(tmp_path / "r.json", {"a": True}, {"x": np.float32(1.5), "y": torch.tensor(2)})
+    assert out["metrics"] == {"x": 1.5, "y": 2.0}
+    with pytest.raises(TypeError, match="metric 'z' must be a number"):
+        labs.finish(tmp_path / "r.json", {"a": True}, {"z": "high"})
+
+
+@pytest.mark.parametrize("raw, value", [("1e-3", 0.001), ("None", None), ("False", False), ("3", 3), ("no", "no"),
+                                        ("ring", "ring")])
+def test_cli_reads_parameter_values_like_papermill(raw, value):
+    from dmd2lab.cli import parameter_value
+    assert parameter_value(raw) == value and type(parameter_value(raw)) is type(value)
+
+
+def test_runner_refuses_a_results_path_parameter(tmp_path):
+    with pytest.raises(ValueError, match="--out"):
+        labs.run_labs(ROOT / "labs", tmp_path, parameters={"results_path": "x.json"})

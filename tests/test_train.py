@@ -228,3 +228,39 @@ def test_tensorboard_logging_is_optional_and_writes_events(tmp_path):
     trainer.config.tensorboard = True
     trainer.fit()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_log_csv_after_resume_has_each_step_once(tmp_path):
+    trainer, _ = recorder_trainer(steps=20, out_dir=tmp_path, nan_at=9)  # checkpoint at 5, rows 1-8 logged
+    with pytest.raises(NonFiniteError):
+        trainer.fit()
+    again, _ = recorder_trainer(steps=12, out_dir=tmp_path)
+    again.fit()
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "log.csv"))]
+    assert steps == list(range(1, 13))
+
+
+def test_warm_up_counts_loop_steps_as_dmd2_does():
+    """DMD2 steps every LR scheduler every iteration: at ratio 5 and a 10-step warm-up, the generator's lr is full
+    from loop step 9 on, i.e. from its 3rd update, not its 10th."""
+    trainer, _ = recorder_trainer(steps=1, ratio=5)
+    trainer.players["generator"].warmup_steps = 10
+    assert trainer.learning_rate("generator", 0) == pytest.approx(1e-3)
+    assert trainer.learning_rate("generator", 4) == pytest.approx(5e-3)
+    assert trainer.learning_rate("generator", 9) == trainer.learning_rate("generator", 50) == pytest.approx(1e-2)
+
+
+def test_saving_the_same_step_again_keeps_latest_valid(tmp_path):
+    trainer = _toy_trainer(10, tmp_path)
+    trainer.fit()
+    before = (latest_checkpoint(tmp_path) / "models.safetensors").stat().st_mtime_ns
+    assert trainer.save() == latest_checkpoint(tmp_path)
+    assert (latest_checkpoint(tmp_path) / "models.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_frozen_critic_module_is_refused():
+    data = toy2d.ring()
+    frozen = toy2d.MLPDenoiser(hidden=8).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        DMD2Objective(toy2d.MLPGenerator(hidden=8), frozen, data.denoise, NoiseSchedule.geometric(10, 0.1, 1),
+                      lambda n, rng: torch.randn(n, 2), DMD2Settings())
