@@ -268,7 +268,8 @@ class Trainer:
         os.replace(tmp, final)
         _fsync(root)
         _atomic_write_text(self.out_dir / "latest", final.name)
-        for old in sorted(p for p in root.glob("step-*") if p != final)[:-(self.config.keep_checkpoints - 1) or None]:
+        older = sorted(p for p in root.glob("step-*") if p != final)
+        for old in older[:max(len(older) - (self.config.keep_checkpoints - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
