@@ -30,16 +30,20 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def _check_sigma(sigma: Tensor, x: Tensor) -> Tensor:
-    # A Python float becomes float64, not torch's default float32: the conversions promise float64 accuracy.
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=None if torch.is_tensor(sigma) else torch.float64)
+def per_sample_sigma(sigma, x: Tensor, dtype: torch.dtype | None = None, positive: bool = False) -> Tensor:
+    """Noise levels as a (batch,) tensor on x's device, from a scalar or a (batch,) tensor; ValueError for another
+    shape or a negative level (or, with ``positive``, a zero one). Without ``dtype`` a tensor keeps its dtype and
+    a Python float becomes float64, not torch's default float32: the conversions promise float64 accuracy."""
+    if dtype is None and not torch.is_tensor(sigma):
+        dtype = torch.float64
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
         raise ValueError(
             f"sigma must be a scalar or have shape (batch,) = ({x.shape[0]},); got shape {tuple(sigma.shape)}")
-    if torch.any(sigma < 0):
-        raise ValueError(f"sigma must be >= 0; got min {sigma.min().item():.4g}")
+    if torch.any(sigma < 0) or (positive and torch.any(sigma == 0)):
+        raise ValueError(f"sigma must be {'> 0' if positive else '>= 0'}; got min {sigma.min().item():.4g}")
     return sigma
 
 
@@ -115,14 +119,14 @@ class NoiseSchedule:
 
 def add_noise(x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
     """x_sigma = x0 + sigma * eps (EDM eq. 1 in the VE frame)."""
-    sigma = _check_sigma(sigma, x0)
+    sigma = per_sample_sigma(sigma, x0)
     return x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * noise
 
 
 def _in_float64(fn):
     """Run a conversion in float64 and return the dtype of its first argument (DMD2 converts in float64)."""
     def wrapped(x: Tensor, other: Tensor, sigma: Tensor) -> Tensor:
-        s = append_dims(_check_sigma(sigma, x).double(), x.ndim)
+        s = append_dims(per_sample_sigma(sigma, x).double(), x.ndim)
         return fn(x.double(), other.double(), s).to(x.dtype)
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .diffusion import per_sample_sigma
+
 
 class GaussianMixture:
     """An isotropic Gaussian mixture sum_k w_k N(mu_k, s_k^2 I), exact under Gaussian noise of any sigma.
@@ -53,11 +55,7 @@ class GaussianMixture:
         """Per-sample, per-component (mean, variance, log weight * N(x; mu_k, var_k I)) of p_sigma."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}); got {tuple(x.shape)}")
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != (x.shape[0],) or torch.any(sigma < 0):
-            raise ValueError(f"sigma must be a scalar or shape ({x.shape[0]},) with entries >= 0")
+        sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
         mu = self.means.to(x)
         var = self.stds.to(x)[None, :] ** 2 + sigma[:, None] ** 2
         if torch.any(var == 0):
@@ -185,15 +183,10 @@ class MLPDenoiser(nn.Module):
         self.film = nn.Linear(hidden, 2 * hidden * depth)
         self.out = nn.Linear(hidden, data_dim)
 
-    def _sigma(self, x: Tensor, sigma) -> Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        if sigma.shape != (x.shape[0],) or torch.any(sigma <= 0):
-            raise ValueError(f"sigma must be > 0, a scalar or shape ({x.shape[0]},); got shape {tuple(sigma.shape)}")
-        return sigma
-
     def features(self, x: Tensor, sigma) -> Tensor:
-        sigma = self._sigma(x, sigma)
+        return self._features(x, per_sample_sigma(sigma, x, dtype=torch.float32, positive=True))
+
+    def _features(self, x: Tensor, sigma: Tensor) -> Tensor:
         angle = (sigma.log() / 4)[:, None] * self.frequencies
         emb = self.embed(torch.cat([angle.sin(), angle.cos()], 1))
         h = self.inp(x.float() / (sigma[:, None] ** 2 + self.sigma_data ** 2).sqrt())
@@ -203,11 +196,11 @@ class MLPDenoiser(nn.Module):
         return F.silu(h)
 
     def forward(self, x: Tensor, sigma) -> Tensor:
-        sigma = self._sigma(x, sigma)
+        sigma = per_sample_sigma(sigma, x, dtype=torch.float32, positive=True)
         sd2 = self.sigma_data ** 2
         c_skip = (sd2 / (sigma ** 2 + sd2))[:, None]
         c_out = (sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt())[:, None]
-        return (c_skip * x.float() + c_out * self.out(self.features(x, sigma))).to(x.dtype)
+        return (c_skip * x.float() + c_out * self.out(self._features(x, sigma))).to(x.dtype)
 
 
 class OracleFakeDenoiser:
