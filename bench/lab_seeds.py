@@ -8,10 +8,7 @@ notebooks and results go to runs/seeds/<lab>/seed-N.{ipynb,json}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,20 +34,9 @@ def lab_path(lab: str) -> Path:
 
 
 def run_one(lab: str, seed: int, out: str, parameters: dict) -> dict:
-    import papermill
-    os.environ[labs.HEADLESS_ENV] = "1"
-    path = lab_path(lab)
-    results = Path(out) / f"seed-{seed}.json"
-    results.unlink(missing_ok=True)
-    started, error = time.perf_counter(), None
-    try:
-        papermill.execute_notebook(str(path), str(Path(out) / f"seed-{seed}.ipynb"), kernel_name="python3",
-                                   parameters={**parameters, "seed": seed, "results_path": str(results)},
-                                   cwd=str(path.parent), progress_bar=False)
-    except Exception as e:
-        error = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-    data = json.loads(results.read_text()) if results.exists() else {"claims": {}, "metrics": {}}
-    return {"seed": seed, "wall_s": time.perf_counter() - started, "error": error, **data}
+    out = Path(out)
+    return {"seed": seed, **labs.execute_lab(lab_path(lab), out / f"seed-{seed}.ipynb", out / f"seed-{seed}.json",
+                                             {**parameters, "seed": seed})}
 
 
 def main(argv=None) -> int:
@@ -84,7 +70,7 @@ def main(argv=None) -> int:
         values = [r["metrics"][m] for r in rows if m in r["metrics"]]
         if values:
             print(f"| {m} | {min(values):.4g} | {max(values):.4g} |")
-    bad = [r for r in rows if r["error"] or not r["claims"] or not all(r["claims"].values())]
+    bad = [r for r in rows if not r["ok"]]
     for r in bad:
         print(f"seed {r['seed']}: {r['error'] or 'claims failed'}", file=sys.stderr)
     return 1 if bad else 0

@@ -180,11 +180,31 @@ def declared_parameters(notebook: Path) -> dict[str, object]:
     return _assigned(cells[0].source)
 
 
+def execute_lab(notebook: Path, executed: Path, results_path: Path, parameters: dict,
+                timeout: int | None = None) -> dict:
+    """Execute one lab headless with papermill (in its own folder) and read its results JSON. A failing lab is
+    a result, not an exception: returns ok, wall_s, claims, metrics and the error's last line (or None)."""
+    import papermill
+    os.environ[HEADLESS_ENV] = "1"
+    results_path.unlink(missing_ok=True)
+    started, error = time.perf_counter(), None
+    try:
+        papermill.execute_notebook(str(notebook), str(executed), kernel_name="python3", progress_bar=False,
+                                   parameters={**parameters, "results_path": str(results_path)},
+                                   cwd=str(notebook.parent.resolve()), execution_timeout=timeout)
+    except Exception as e:  # papermill wraps the cell's exception; the caller keeps going with other runs
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"claims": {}, "metrics": {}}
+    claims = results["claims"]
+    return {"ok": bool(error is None and claims and all(claims.values())),
+            "wall_s": round(time.perf_counter() - started, 1), "claims": claims, "metrics": results["metrics"],
+            "error": error}
+
+
 def run_labs(lab_dir: str | Path = "labs", out_dir: str | Path = "runs", only: list[str] | None = None,
              parameters: dict | None = None, timeout: int = 1800) -> int:
     """Execute the labs headless with papermill, write ``out_dir/<lab>.ipynb``, ``<lab>.json`` and
     ``summary.md`` / ``summary.json``; return the number of labs that failed."""
-    import papermill
     labs = find_labs(lab_dir)
     if only:
         labs = [p for p in labs if any(p.stem.startswith(o) or p.stem == o for o in only)]
@@ -199,28 +219,14 @@ def run_labs(lab_dir: str | Path = "labs", out_dir: str | Path = "runs", only: l
         raise ValueError(f"parameter(s) {', '.join(unknown)} are declared by none of the selected labs")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ[HEADLESS_ENV] = "1"
     rows = []
     for lab in labs:
-        results_path = out / f"{lab.stem}.json"
-        results_path.unlink(missing_ok=True)
         params = {k: v for k, v in parameters.items() if k in declared[lab]}
-        params["results_path"] = str(results_path)
-        started, error = time.perf_counter(), None
-        try:
-            papermill.execute_notebook(str(lab), str(out / lab.name), parameters=params, kernel_name="python3",
-                                       cwd=str(lab.parent.resolve()), progress_bar=False,
-                                       execution_timeout=timeout)
-        except Exception as e:  # papermill wraps the cell's exception; keep going with the other labs
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        wall = time.perf_counter() - started
-        results = json.loads(results_path.read_text()) if results_path.exists() else {"claims": {}, "metrics": {}}
-        claims = results["claims"]
-        ok = error is None and claims and all(claims.values())
-        rows.append({"lab": lab.stem, "ok": bool(ok), "wall_s": round(wall, 1), "claims": claims,
-                     "metrics": results["metrics"], "error": error})
-        print(f"{'PASS' if ok else 'FAIL'} {lab.stem} ({wall:.1f} s) "
-              f"{sum(claims.values())}/{len(claims)} claims held" + (f" — {error}" if error else ""), flush=True)
+        row = {"lab": lab.stem, **execute_lab(lab, out / lab.name, out / f"{lab.stem}.json", params, timeout)}
+        rows.append(row)
+        print(f"{'PASS' if row['ok'] else 'FAIL'} {lab.stem} ({row['wall_s']} s) "
+              f"{sum(row['claims'].values())}/{len(row['claims'])} claims held"
+              + (f" — {row['error']}" if row['error'] else ""), flush=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text(summary_table(rows))
     print(summary_table(rows))
