@@ -35,9 +35,9 @@ def training_speed(steps: int) -> list[tuple[str, float]]:
         ("teacher DSM step (MLP denoiser, batch 256)",
          steps / timed(lambda: tx.train_teacher(data, steps=steps))),
         ("DMD2 loop step, learned critic, ratio 5 (batch 256)",
-         steps / timed(lambda: tx.distill_one_step(teacher, data, ratio=5, generator_steps=steps // 5))),
+         steps / timed(lambda: tx.distill(teacher, data, ratio=5, generator_steps=steps // 5))),
         ("DMD2 generator step, exact oracle critic (1024 samples)",
-         steps / 5 / timed(lambda: tx.distill_one_step(data.denoise, data, critic="oracle",
+         steps / 5 / timed(lambda: tx.distill(data.denoise, data, critic="oracle",
                                                        generator_steps=steps // 5))),
     ]
     return rows

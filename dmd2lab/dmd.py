@@ -10,10 +10,12 @@ text-to-image backends share them unchanged.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .diffusion import Denoiser, NoiseSchedule, add_noise, append_dims
 
@@ -147,3 +149,107 @@ def regression_loss(student_x: Tensor, teacher_x: Tensor,
         raise ValueError(f"student and teacher samples must have one shape; got {tuple(student_x.shape)} and "
                          f"{tuple(teacher_x.shape)}")
     return distance(student_x, teacher_x.detach()).mean()
+
+
+# ---------------------------------------------------------------------------------------------- GAN loss (Sec. 4.3)
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    """The generator's non-saturating GAN loss (DMD2 eq. 5, generator side): mean softplus(-D(x_fake)),
+    i.e. -log sigmoid(D): the generator is pushed to where the discriminator sees real data."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """The discriminator's GAN loss (DMD2 eq. 5): mean softplus(D(x_fake)) + mean softplus(-D(x_real)), the
+    binary cross-entropy of calling real images real and generator samples fake."""
+    return F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()
+
+
+def gan_logits(classify: Callable[[Tensor, Tensor], Tensor], x: Tensor, schedule: NoiseSchedule,
+               timesteps: tuple[int, int] | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Discriminator logits on x re-noised at a random timestep per sample (the "diffusion GAN" input DMD2 uses:
+    t uniform over ``timesteps``, default the whole table; ``(0, 0)`` gives the table's smallest noise).
+    ``classify(x_t, sigma)`` is the head on the critic's bottleneck features. Gradients flow into x (the
+    generator's GAN loss) and into ``classify`` (the discriminator's)."""
+    low, high = timesteps if timesteps is not None else (0, len(schedule) - 1)
+    t = schedule.sample_timesteps(x.shape[0], low, high, generator=generator, device=x.device)
+    sigma = schedule.sigma(t)
+    return classify(add_noise(x, sigma, _normal_like(x, generator)), sigma).reshape(x.shape[0])
+
+
+class GANHead(nn.Module):
+    """DMD2's discriminator head on the critic's bottleneck features (Sec. 4.3), one logit per sample.
+
+    - image features (C, H, W) — a UNet's mid-block output: [4x4 conv stride 2, GroupNorm, SiLU] while the map is
+      larger than 4x4, then a conv over the whole remaining map + GroupNorm + SiLU, and a 1x1 conv to one logit;
+    - vector features (C,) — the toy's MLP bottleneck: Linear, SiLU, Linear to one logit.
+    """
+
+    def __init__(self, feature_shape: Sequence[int], hidden: int | None = None):
+        super().__init__()
+        feature_shape = tuple(int(s) for s in feature_shape)
+        if len(feature_shape) == 1:
+            (channels,) = feature_shape
+            width = hidden or channels
+            self.net = nn.Sequential(nn.Linear(channels, width), nn.SiLU(), nn.Linear(width, 1))
+        elif len(feature_shape) == 3:
+            channels, height, width_px = feature_shape
+            if height != width_px:
+                raise ValueError(f"GANHead expects square feature maps; got {height}x{width_px}")
+            width = hidden or channels
+            layers, size, c_in = [], height, channels
+            while size > 4:
+                layers += [nn.Conv2d(c_in, width, 4, stride=2, padding=1), _group_norm(width), nn.SiLU()]
+                size, c_in = size // 2, width
+            layers += [nn.Conv2d(c_in, width, size, stride=size), _group_norm(width), nn.SiLU(),
+                       nn.Conv2d(width, 1, 1)]
+            self.net = nn.Sequential(*layers)
+        else:
+            raise ValueError(f"GANHead takes (C,) or (C, H, W) features; got shape {feature_shape}")
+        self.feature_shape = feature_shape
+
+    def forward(self, features: Tensor) -> Tensor:
+        if tuple(features.shape[1:]) != self.feature_shape:
+            raise ValueError(f"GANHead was built for features of shape {self.feature_shape}; got "
+                             f"{tuple(features.shape[1:])}")
+        return self.net(features).reshape(features.shape[0])
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # Up to 32 groups (DMD2: 768 channels -> 24 per group), but never fewer than 4 channels per group: on the
+    # head's last 1x1 map a group of one channel normalises to a constant and the logit stops depending on x.
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
+# ---------------------------------------------------------------------------- multi-step students (Sec. 4.5)
+def multistep_generate(student: Denoiser, noise: Tensor, sigmas: Sequence[float],
+                       generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Sample a K-step student (DMD2 Sec. 4.5, inference): start at x = sigmas[0] * noise (pure noise at the
+    largest sigma), predict x0 = G(x, sigma_k), re-noise it with FRESH noise to sigma_{k+1}, and repeat; the last
+    prediction is the sample. Returns (the x0 predicted at every step, the input met at every step)."""
+    if len(sigmas) < 1:
+        raise ValueError("a multi-step student needs at least one sigma")
+    x, predictions, inputs = noise * float(sigmas[0]), [], []
+    for k, sigma in enumerate(sigmas):
+        inputs.append(x)
+        predictions.append(student(x, torch.full((x.shape[0],), float(sigma), device=x.device)))
+        if k + 1 < len(sigmas):
+            x = add_noise(predictions[-1], float(sigmas[k + 1]), _normal_like(x, generator))
+    return predictions, inputs
+
+
+def backward_simulation(student: Denoiser, noise: Tensor, sigmas: Sequence[float], k: int,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """The input of student step ``k`` exactly as inference meets it (DMD2 Sec. 4.5, backward simulation): run
+    the student's first k steps from fresh noise WITHOUT grad, then re-noise its last x0 with ``noise`` to
+    sigmas[k]; k = 0 is pure noise, sigmas[0] * noise. Training the k-th step on these inputs, instead of on
+    noised real data, removes the mismatch between the inputs seen in training and at inference."""
+    if not 0 <= k < len(sigmas):
+        raise ValueError(f"step k must lie in 0..{len(sigmas) - 1}; got {k}")
+    if k == 0:
+        return noise * float(sigmas[0])
+    with torch.no_grad():
+        predictions, _ = multistep_generate(student, _normal_like(noise, generator), sigmas[:k], generator)
+    return add_noise(predictions[-1].detach(), float(sigmas[k]), noise)

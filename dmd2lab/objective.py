@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dmd
-from .diffusion import Denoiser, NoiseSchedule
+from .diffusion import Denoiser, NoiseSchedule, add_noise
 from .train import Player
 
 
@@ -21,45 +21,108 @@ class DMD2Settings:
     """The distillation's loss settings (defaults: DMD2's ImageNet recipe, see DESIGN.md).
 
     ``dm_timesteps``: t range of the DM loss (None = DMD2's 0.02T..0.98T); ``critic_timesteps``: of the critic
-    loss (None = whole table);
-    ``critic_weighting``: 'edm' or 'eps' (see :func:`dmd2lab.dmd.denoising_weight`); ``regression_weight``:
-    DMD1's regression loss on teacher pairs (0 = DMD2, which drops it)."""
+    loss (None = whole table); ``critic_weighting``: 'edm' or 'eps' (see :func:`dmd2lab.dmd.denoising_weight`);
+    ``dm_weight``: the DM loss's weight (0 = a GAN-only ablation); ``regression_weight``: DMD1's regression loss
+    on teacher pairs (0 = DMD2, which drops it); ``gan_generator_weight`` / ``gan_discriminator_weight``: the
+    GAN loss (0 / 0 = no GAN; DMD2 ImageNet: 3e-3 / 1e-2), inputs re-noised over ``gan_timesteps`` (None =
+    whole table); ``student_sigmas``: the noise levels of a multi-step student, largest first (None = a one-step
+    generator from latents), trained on ``backward_simulation`` inputs or else on noised real data."""
 
     batch_size: int = 256
     dm_timesteps: tuple[int, int] | None = None
     critic_timesteps: tuple[int, int] | None = None
     critic_weighting: str = "edm"
     sigma_data: float = 0.5
+    dm_weight: float = 1.0
     regression_weight: float = 0.0
+    gan_generator_weight: float = 0.0
+    gan_discriminator_weight: float = 0.0
+    gan_timesteps: tuple[int, int] | None = None
+    student_sigmas: tuple[float, ...] | None = None
+    backward_simulation: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         dmd.denoising_weight(torch.ones(1), self.critic_weighting)  # rejects unknown names early
-        if self.regression_weight < 0:
-            raise ValueError(f"regression_weight must be >= 0; got {self.regression_weight}")
+        for name in ("dm_weight", "regression_weight", "gan_generator_weight", "gan_discriminator_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.gan and not (self.gan_generator_weight > 0 and self.gan_discriminator_weight > 0):
+            raise ValueError("the GAN needs both gan_generator_weight and gan_discriminator_weight > 0 (a "
+                             "discriminator that never learns, or one nobody reads, is not a GAN); got "
+                             f"{self.gan_generator_weight} / {self.gan_discriminator_weight}")
+        if self.dm_weight == 0 and not self.gan and self.regression_weight == 0:
+            raise ValueError("the generator has no loss: dm_weight, regression_weight and the GAN weights are all 0")
+        if self.student_sigmas is not None:
+            sigmas = tuple(float(s) for s in self.student_sigmas)
+            if not sigmas or not all(s > 0 for s in sigmas) or not all(a > b for a, b in zip(sigmas, sigmas[1:])):
+                raise ValueError(f"student_sigmas must be positive and strictly decreasing; got {self.student_sigmas}")
+            self.student_sigmas = sigmas
+
+    @property
+    def gan(self) -> bool:
+        return self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0
+
+
+class CriticWithHead(nn.Module):
+    """The critic and its GAN head as one module, so one player (one optimizer) trains both, as in DMD2.
+
+    It is still a denoiser (``forward`` is the critic's); ``logits(x_t, sigma)`` is the head on ``features``, the
+    critic's bottleneck by default (``critic.features``). Passing another network's features (e.g. a frozen
+    teacher's) gives a head that does not share the critic's body."""
+
+    def __init__(self, critic: nn.Module, head: nn.Module, features: Callable[[Tensor, Tensor], Tensor] | None = None):
+        super().__init__()
+        if features is None and not hasattr(critic, "features"):
+            raise ValueError(f"{type(critic).__name__} has no .features(x, sigma); pass the features function "
+                             "the GAN head should read (e.g. a UNet's mid-block output)")
+        self.critic, self.head = critic, head
+        self._features = features
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        return self.critic(x, sigma)
+
+    def logits(self, x: Tensor, sigma) -> Tensor:
+        return self.head((self._features or self.critic.features)(x, sigma))
 
 
 class DMD2Objective:
-    """DMD2's two players (Algorithm 1): the generator descends the DM loss (+ optionally DMD1's regression
-    loss), the critic ("fake score") fits the generator's current samples by denoising score matching.
+    """DMD2's two players (Algorithm 1): the generator descends the DM loss (+ the GAN loss, + optionally DMD1's
+    regression loss); the critic ("fake score") fits the generator's current samples by denoising score
+    matching (+ the discriminator's GAN loss, through its head).
 
-    ``fake`` is the critic module, or any Denoiser (e.g. the exact oracle), in which case there is no critic
-    player. ``sample_latents(n, rng)`` draws generator inputs. ``regression_pairs`` = (z, y): teacher ODE
-    noise -> sample pairs for DMD1's regression loss.
+    ``fake`` is the critic module (a :class:`CriticWithHead` when the GAN is on), or any Denoiser (e.g. the exact
+    oracle), in which case there is no critic player. ``sample_latents(n, rng)`` draws generator inputs (for a
+    multi-step student: standard normal noise of the data's shape); ``sample_real(n, rng)`` draws real data
+    (needed by the GAN and by a multi-step student trained without backward simulation).
+    ``regression_pairs`` = (z, y): teacher ODE noise -> sample pairs for DMD1's regression loss.
+    ``recent_inputs`` keeps the last few batches of student inputs per step (multi-step students) so the inputs
+    seen in training can be compared with those met at inference.
     """
 
     def __init__(self, generator: nn.Module, fake: Denoiser, real: Denoiser, schedule: NoiseSchedule,
                  sample_latents: Callable[[int, torch.Generator], Tensor], settings: DMD2Settings,
-                 regression_pairs: tuple[Tensor, Tensor] | None = None):
+                 regression_pairs: tuple[Tensor, Tensor] | None = None,
+                 sample_real: Callable[[int, torch.Generator], Tensor] | None = None, keep_inputs: int = 4):
         if settings.regression_weight > 0 and regression_pairs is None:
             raise ValueError("regression_weight > 0 needs regression_pairs=(noise, teacher_samples)")
         if isinstance(fake, nn.Module) and not any(p.requires_grad for p in fake.parameters()):
             raise ValueError(f"the critic {type(fake).__name__} has no trainable parameters, so it would never "
                              "learn the generator (a frozen copy of the teacher makes the DM gradient 0). Call "
                              ".requires_grad_(True) on it, or pass a plain function for a fixed fake score.")
+        if settings.gan and not isinstance(fake, CriticWithHead):
+            raise ValueError("the GAN loss needs a discriminator: pass fake=CriticWithHead(critic, GANHead(...))")
+        if keep_inputs < 1:
+            raise ValueError(f"keep_inputs must be >= 1 (batches of student inputs kept per step); got {keep_inputs}")
+        needs_real = settings.gan or (settings.student_sigmas is not None and not settings.backward_simulation)
+        if needs_real and sample_real is None:
+            raise ValueError("the GAN loss and a multi-step student trained on noised real data need "
+                             "sample_real=(n, rng) -> real data samples")
         self.generator, self.fake, self.real, self.schedule = generator, fake, real, schedule
         self.sample_latents, self.settings, self.regression_pairs = sample_latents, settings, regression_pairs
+        self.sample_real, self.keep_inputs = sample_real, keep_inputs
+        self.recent_inputs: dict[int, list[Tensor]] = {}
 
     def players(self, lr_generator: float, lr_critic: float, ratio: int = 5, **kwargs) -> dict[str, Player]:
         """Generator every ``ratio`` steps, critic every step (TTUR); ``kwargs`` go to both Players, except
@@ -74,23 +137,65 @@ class DMD2Objective:
         return players
 
     def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
-        z = self.sample_latents(self.settings.batch_size, rng)
+        s = self.settings
+        z = self.sample_latents(s.batch_size, rng)
+        context = {}
+        if s.gan:
+            context["real"] = self.sample_real(s.batch_size, rng)
+        if s.student_sigmas is None:
+            with torch.set_grad_enabled("generator" in updating):
+                context["x"] = self.generator(z)
+            return context
+        k = int(torch.randint(0, len(s.student_sigmas), (), generator=rng, device=rng.device))
+        if s.backward_simulation:
+            student_input = dmd.backward_simulation(self.generator, z, s.student_sigmas, k, rng)
+        else:
+            student_input = add_noise(self.sample_real(s.batch_size, rng), s.student_sigmas[k], z)
+        kept = self.recent_inputs.setdefault(k, [])
+        kept.append(student_input.detach())
+        del kept[:-self.keep_inputs]
+        sigma = torch.full((s.batch_size,), s.student_sigmas[k], device=z.device)
         with torch.set_grad_enabled("generator" in updating):
-            return {"x": self.generator(z)}
+            context["x"] = self.generator(student_input, sigma)
+        return context
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
         s = self.settings
         if name == "critic":
-            return dmd.fake_score_loss(self.fake, context["x"], self.schedule, s.critic_weighting,
-                                       s.sigma_data, s.critic_timesteps, rng)
-        loss, logs = dmd.distribution_matching_step(context["x"], self.real, self.fake, self.schedule,
-                                                    s.dm_timesteps, rng)
+            return self._critic_loss(context, rng)
+        if s.dm_weight > 0:
+            loss, logs = dmd.distribution_matching_step(context["x"], self.real, self.fake, self.schedule,
+                                                        s.dm_timesteps, rng)
+            loss = s.dm_weight * loss
+        else:
+            loss, logs = context["x"].new_zeros(()), {}
+        if s.gan:
+            gan = dmd.gan_generator_loss(dmd.gan_logits(self.fake.logits, context["x"], self.schedule,
+                                                        s.gan_timesteps, rng))
+            logs["gan_generator_loss"] = gan.detach()
+            loss = loss + s.gan_generator_weight * gan
         if s.regression_weight > 0:
             z, y = self.regression_pairs
             pick = torch.randint(0, z.shape[0], (s.batch_size,), generator=rng, device=rng.device).to(z.device)
             reg = dmd.regression_loss(self.generator(z[pick]), y[pick])
             logs["regression_loss"] = reg.detach()
             loss = loss + s.regression_weight * reg
+        return loss, logs
+
+    def _critic_loss(self, context: dict, rng: torch.Generator):
+        s = self.settings
+        loss, logs = dmd.fake_score_loss(self.fake, context["x"], self.schedule, s.critic_weighting, s.sigma_data,
+                                         s.critic_timesteps, rng)
+        if s.gan:
+            # One head call on real and fake together: each sample is re-noised independently either way.
+            both = torch.cat([context["real"], context["x"].detach()])
+            real_logits, fake_logits = dmd.gan_logits(self.fake.logits, both, self.schedule, s.gan_timesteps,
+                                                      rng).chunk(2)
+            gan = dmd.gan_discriminator_loss(real_logits, fake_logits)
+            logs.update(gan_discriminator_loss=gan.detach(),
+                        discriminator_accuracy=0.5 * ((real_logits > 0).float().mean()
+                                                      + (fake_logits < 0).float().mean()).detach())
+            loss = loss + s.gan_discriminator_weight * gan
         return loss, logs
 
 

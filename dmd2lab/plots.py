@@ -62,3 +62,26 @@ def plot_history(history: list[dict], keys: list[str], ax=None, logy: bool = Tru
     ax.set(xlabel="step", yscale="log" if logy else "linear")
     ax.legend()
     return ax
+
+
+def plot_curves(curves: dict[str, tuple[list[float], list[float]]], ax=None, xlabel: str = "step",
+                ylabel: str = "", logy: bool = True, title: str = ""):
+    """Several labelled (x, y) curves on one Axes, e.g. one run per TTUR ratio against generator steps."""
+    ax = ax if ax is not None else plt.subplots(figsize=(5, 3))[1]
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, label=label, marker=".")
+    ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log" if logy else "linear", title=title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_mode_mass(masses: dict[str, Tensor], weights: Tensor, ax=None, title: str = "mass per mode"):
+    """Grouped bars: each run's sample mass per mixture component beside the true weights (black ticks)."""
+    ax = ax if ax is not None else plt.subplots(figsize=(6, 3))[1]
+    k, width = len(weights), 0.8 / max(len(masses), 1)
+    for i, (label, mass) in enumerate(masses.items()):
+        ax.bar([j + (i - (len(masses) - 1) / 2) * width for j in range(k)], mass.tolist(), width, label=label)
+    ax.scatter(range(k), weights.tolist(), marker="_", s=300, color="black", label="true", zorder=3)
+    ax.set(xlabel="mode", ylabel="mass", title=title, xticks=range(k))
+    ax.legend(fontsize=8, ncol=2)
+    return ax

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import toy_metrics
+from . import dmd, toy_metrics
 from .diffusion import Denoiser, NoiseSchedule, edm_sampler
-from .objective import DenoiserObjective, DMD2Objective, DMD2Settings
+from .dmd import GANHead
+from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings
 from .toy2d import GaussianMixture, MLPDenoiser, MLPGenerator, OracleFakeDenoiser
 from .train import Player, TrainConfig, Trainer
 
@@ -50,33 +51,68 @@ def train_teacher(data: GaussianMixture, steps: int = 1500, batch_size: int = 25
 
 def sample_teacher(teacher: Denoiser, n: int, steps: int = 100, heun: bool = True, seed: int = 0) -> Tensor:
     """n teacher samples from the EDM sampler over TEACHER_SIGMAS (Heun: 2 * steps - 1 evaluations)."""
+    return teacher_pairs(teacher, n, steps, heun, seed)[1]
+
+
+def teacher_pairs(teacher: Denoiser, n: int, steps: int = 100, heun: bool = True,
+                  seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(z, y): n unit-normal noises and the teacher's deterministic ODE samples from them — DMD1's regression
+    pairs, and what :func:`sample_teacher` returns the second half of."""
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return edm_sampler(teacher, noise, steps, *TEACHER_SIGMAS, heun=heun)
+        return noise, edm_sampler(teacher, noise, steps, *TEACHER_SIGMAS, heun=heun)
+
+
+STUDENT_TIMESTEPS = (999, 749, 499, 249)
+"""DMD2's 4-step student timesteps (SDXL), read off the toy teacher's 1000-step table over TEACHER_SIGMAS."""
+
+
+def student_sigmas(timesteps=STUDENT_TIMESTEPS) -> tuple[float, ...]:
+    """The noise levels of a multi-step toy student: DMD2's timesteps mapped onto the teacher's geometric table
+    (999/749/499/249 -> sigma 40, 4.2, 0.45, 0.047)."""
+    table = NoiseSchedule.geometric(1000, *TEACHER_SIGMAS)
+    return tuple(table.sigma(torch.tensor(timesteps)).tolist())
 
 
 @dataclass
 class Distillation:
     generator: nn.Module
-    """The student (its EMA copy when EMA is on): z ~ N(0, I) -> x in one call."""
+    """The student (its EMA copy when EMA is on): z ~ N(0, I) -> x in one call, or a multi-step denoiser."""
     critic: nn.Module | None
     trainer: Trainer
+    objective: DMD2Objective
     wall_s: float
 
-    def sample(self, n: int, seed: int = 0) -> Tensor:
-        noise = torch.randn(n, self.generator.noise_dim, generator=torch.Generator().manual_seed(seed))
+    def sample(self, n: int, seed: int = 0, steps: int | None = None) -> Tensor:
+        """n samples; a multi-step student runs its first ``steps`` steps (default all) and returns the last x0."""
+        rng = torch.Generator().manual_seed(seed)
+        sigmas = self.objective.settings.student_sigmas
         with torch.no_grad():
-            return self.generator(noise)
+            if sigmas is None:
+                return self.generator(torch.randn(n, self.generator.noise_dim, generator=rng))
+            predictions, _ = dmd.multistep_generate(self.generator, torch.randn(n, 2, generator=rng),
+                                                    sigmas[:steps], rng)
+            return predictions[-1]
+
+    def step_inputs(self, n: int, seed: int = 0) -> list[Tensor]:
+        """The inputs a multi-step student meets at each of its steps at inference."""
+        rng = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            _, inputs = dmd.multistep_generate(self.generator, torch.randn(n, 2, generator=rng),
+                                               self.objective.settings.student_sigmas, rng)
+        return inputs
 
 
-def distill_one_step(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", ratio: int = 5,
-                     generator_steps: int = 1000, lr_generator: float = 1e-3, lr_critic: float = 1e-3,
-                     batch_size: int = 256, ema_decay: float | None = 0.99, warmup_steps: int = 0, seed: int = 0,
-                     oracle_samples: int = 1024, regression_pairs: tuple[Tensor, Tensor] | None = None,
-                     regression_weight: float = 0.0,
-                     evaluate: Callable[[Trainer], dict[str, float]] | None = None, eval_every: int = 0,
-                     out_dir: str | Path | None = None) -> Distillation:
-    """Distil ``teacher`` into a one-step MLP generator with DMD2 (DM loss; no regression loss unless asked).
+def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", ratio: int = 5,
+            generator_steps: int = 1000, lr_generator: float = 1e-3, lr_critic: float = 1e-3,
+            batch_size: int = 256, ema_decay: float | None = 0.99, warmup_steps: int = 0, seed: int = 0,
+            oracle_samples: int = 1024, regression_pairs: tuple[Tensor, Tensor] | None = None,
+            regression_weight: float = 0.0, dm_weight: float = 1.0, gan_weights: tuple[float, float] = (0.0, 0.0),
+            head_features: str = "critic", real_data: Tensor | None = None,
+            student_sigmas: tuple[float, ...] | None = None, backward_simulation: bool = True,
+            evaluate: Callable[[Trainer], dict[str, float]] | None = None, eval_every: int = 0,
+            out_dir: str | Path | None = None) -> Distillation:
+    """Distil ``teacher`` into a toy student with DMD2 (DM loss; no regression loss unless asked).
 
     ``critic``: "learned" — an MLP critic initialised from the teacher (a fresh one if the teacher is not a
     module) and trained every step, the generator every ``ratio`` steps (TTUR); "oracle" — the exact fake score
@@ -84,11 +120,34 @@ def distill_one_step(teacher: Denoiser, data: GaussianMixture, critic: str = "le
     ``generator_steps`` is the number of generator updates, so runs with different ratios are compared at an
     equal generator budget. The generator's lr defaults to 1e-3: a mode kept less than 5% of its mass in 3 of 36
     measured ring runs at 3e-3, in 1 of 50 at 1e-3 (docs/results.md).
+
+    GAN (``gan_weights`` = generator / discriminator weight, both > 0): a :class:`dmd2lab.dmd.GANHead` reads the
+    critic's bottleneck (``head_features="critic"``, DMD2) or the frozen teacher's (``"teacher"``), and
+    discriminates ``real_data`` (a fixed data set; rows drawn at random each step) from generator samples.
+    ``student_sigmas``: a multi-step student (a copy of the teacher), trained with ``backward_simulation`` or on
+    ``real_data`` noised to its levels.
     """
     if critic not in ("learned", "oracle"):
         raise ValueError(f"critic must be 'learned' or 'oracle'; got {critic!r}")
+    if head_features not in ("critic", "teacher"):
+        raise ValueError(f"head_features must be 'critic' or 'teacher'; got {head_features!r}")
+    gan = any(w > 0 for w in gan_weights)
+    if gan and critic != "learned":
+        raise ValueError("the GAN head lives on a learned critic; use critic='learned' with gan_weights")
+    if student_sigmas is not None and not isinstance(teacher, nn.Module):
+        raise ValueError("a multi-step student starts as a copy of the teacher, so the teacher must be a module")
+    if student_sigmas is not None and critic == "oracle":
+        raise ValueError("the oracle critic samples a one-step generator; a multi-step student needs critic='learned'")
+    if gan and head_features == "teacher" and not hasattr(teacher, "features"):
+        raise ValueError("head_features='teacher' reads the teacher's bottleneck: the teacher must be a module with "
+                         ".features(x, sigma), e.g. an MLPDenoiser")
     torch.manual_seed(seed)
-    generator = MLPGenerator(data_dim=data.dim)
+    if student_sigmas is None:
+        generator = MLPGenerator(data_dim=data.dim)
+        sample_latents = lambda n, rng: torch.randn(n, generator.noise_dim, generator=rng)  # noqa: E731
+    else:
+        generator = copy.deepcopy(teacher).requires_grad_(True).train()
+        sample_latents = lambda n, rng: torch.randn(n, data.dim, generator=rng)  # noqa: E731
     sigma_data = data_sigma(data)
     if critic == "oracle":
         fake = OracleFakeDenoiser(lambda n: generator(torch.randn(n, generator.noise_dim)), oracle_samples)
@@ -97,11 +156,18 @@ def distill_one_step(teacher: Denoiser, data: GaussianMixture, critic: str = "le
         fake = copy.deepcopy(teacher).requires_grad_(True).train()
     else:
         fake = MLPDenoiser(data.dim, sigma_data=sigma_data)
+    if gan:
+        features = teacher.features if head_features == "teacher" else None
+        fake = CriticWithHead(fake, GANHead((fake.layers[0].out_features,)), features)
+    sample_real = None
+    if real_data is not None:
+        sample_real = lambda n, rng: real_data[torch.randint(0, len(real_data), (n,), generator=rng)]  # noqa: E731
     settings = DMD2Settings(batch_size=batch_size, dm_timesteps=(0, 999), sigma_data=sigma_data,
-                            regression_weight=regression_weight)
+                            dm_weight=dm_weight, regression_weight=regression_weight,
+                            gan_generator_weight=gan_weights[0], gan_discriminator_weight=gan_weights[1],
+                            student_sigmas=student_sigmas, backward_simulation=backward_simulation)
     objective = DMD2Objective(generator, fake, teacher, NoiseSchedule.geometric(1000, *DISTILL_SIGMAS),
-                              lambda n, rng: torch.randn(n, generator.noise_dim, generator=rng), settings,
-                              regression_pairs)
+                              sample_latents, settings, regression_pairs, sample_real)
     players = objective.players(lr_generator, lr_critic, ratio, ema_decay=ema_decay, weight_decay=0.0,
                                 warmup_steps=warmup_steps)
     steps = generator_steps * ratio
@@ -109,7 +175,7 @@ def distill_one_step(teacher: Denoiser, data: GaussianMixture, critic: str = "le
                                                       eval_every=eval_every), out_dir, evaluate)
     started = time.perf_counter()
     trainer.fit()
-    return Distillation(trainer.module("generator"), fake if critic == "learned" else None, trainer,
+    return Distillation(trainer.module("generator"), fake if critic == "learned" else None, trainer, objective,
                         time.perf_counter() - started)
 
 
@@ -118,8 +184,8 @@ def evaluate_samples(samples: Tensor, data: GaussianMixture) -> dict[str, float]
     modes = toy_metrics.mode_statistics(samples, data)
     return {"nll": toy_metrics.negative_log_likelihood(samples, data), "mmd": toy_metrics.mmd(samples, data),
             "modes_covered": modes["modes_covered"], "weakest_mode_share": modes["weakest_mode_share"],
-            "mass_tv": modes["mass_tv"],
-            "outlier_fraction": modes["outlier_fraction"]}
+            "mass_tv": modes["mass_tv"], "outlier_fraction": modes["outlier_fraction"],
+            "spread_ratio": modes["spread_ratio"]}
 
 
 def critic_tracking(teacher: Denoiser, num_reference: int = 2048, num_points: int = 256,
