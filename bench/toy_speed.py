@@ -31,11 +31,18 @@ def timed(fn) -> float:
 def training_speed(steps: int) -> list[tuple[str, float]]:
     data = toy2d.ring()
     teacher = tx.train_teacher(data, steps=50)
+    real = data.sample(10000)
     rows = [
         ("teacher DSM step (MLP denoiser, batch 256)",
          steps / timed(lambda: tx.train_teacher(data, steps=steps))),
         ("DMD2 loop step, learned critic, ratio 5 (batch 256)",
          steps / timed(lambda: tx.distill(teacher, data, ratio=5, generator_steps=steps // 5))),
+        ("DMD2 loop step + GAN head on the critic, ratio 5",
+         steps / timed(lambda: tx.distill(teacher, data, ratio=5, generator_steps=steps // 5, gan_weights=(0.3, 1.0),
+                                          real_data=real))),
+        ("4-step student loop step, backward simulation, ratio 5",
+         steps / timed(lambda: tx.distill(teacher, data, ratio=5, generator_steps=steps // 5, real_data=real,
+                                          student_sigmas=tx.student_sigmas()))),
         ("DMD2 generator step, exact oracle critic (1024 samples)",
          steps / 5 / timed(lambda: tx.distill(data.denoise, data, critic="oracle",
                                                        generator_steps=steps // 5))),

@@ -97,8 +97,8 @@ class DMD2Objective:
     multi-step student: standard normal noise of the data's shape); ``sample_real(n, rng)`` draws real data
     (needed by the GAN and by a multi-step student trained without backward simulation).
     ``regression_pairs`` = (z, y): teacher ODE noise -> sample pairs for DMD1's regression loss.
-    ``recent_inputs`` keeps the last few batches of student inputs per step (multi-step students) so the inputs
-    seen in training can be compared with those met at inference.
+    ``recent_inputs`` keeps the last ``keep_inputs`` batches of student inputs per step (multi-step students) so
+    the inputs seen in training can be compared with those met at inference; a diagnostic, not checkpointed.
     """
 
     def __init__(self, generator: nn.Module, fake: Denoiser, real: Denoiser, schedule: NoiseSchedule,
@@ -197,6 +197,29 @@ class DMD2Objective:
                                                       + (fake_logits < 0).float().mean()).detach())
             loss = loss + s.gan_discriminator_weight * gan
         return loss, logs
+
+
+class RegressionObjective:
+    """DMD1's regression loss alone (DMD eq. 9) on teacher ODE pairs (z, y): the warm start DMD2 gives its
+    one-step SDXL generator before distribution matching, and a cheap way to start any one-step student near the
+    teacher. ``distance`` is per-sample, shape (batch,) (DMD: LPIPS on images)."""
+
+    def __init__(self, generator: nn.Module, pairs: tuple[Tensor, Tensor], batch_size: int = 256,
+                 distance: Callable[[Tensor, Tensor], Tensor] = dmd.mean_squared_distance):
+        z, y = pairs
+        if z.shape[0] != y.shape[0] or z.shape[0] < 1:
+            raise ValueError(f"pairs must be (noise, teacher samples) with one non-zero length; got {z.shape[0]} "
+                             f"and {y.shape[0]}")
+        self.generator, self.pairs, self.batch_size, self.distance = generator, pairs, batch_size, distance
+
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
+        z, y = self.pairs
+        pick = torch.randint(0, z.shape[0], (self.batch_size,), generator=rng, device=rng.device).to(z.device)
+        return {"z": z[pick], "y": y[pick]}
+
+    def loss(self, name: str, context: dict, rng: torch.Generator):
+        loss = dmd.regression_loss(self.generator(context["z"]), context["y"], self.distance)
+        return loss, {"regression_loss": loss.detach()}
 
 
 class DenoiserObjective:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import dmd, toy_metrics
 from .diffusion import Denoiser, NoiseSchedule, edm_sampler
 from .dmd import GANHead
-from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings
+from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings, RegressionObjective
 from .toy2d import GaussianMixture, MLPDenoiser, MLPGenerator, OracleFakeDenoiser
 from .train import Player, TrainConfig, Trainer
 
@@ -74,6 +74,28 @@ def student_sigmas(timesteps=STUDENT_TIMESTEPS) -> tuple[float, ...]:
     return tuple(table.sigma(torch.tensor(timesteps)).tolist())
 
 
+def regression_warm_start(pairs: tuple[Tensor, Tensor], steps: int = 1000, lr: float = 1e-3, batch_size: int = 256,
+                          seed: int = 0) -> MLPGenerator:
+    """A one-step MLP generator fitted to teacher ODE pairs by DMD1's regression loss alone: a student that starts
+    where the teacher's sampler is, as DMD2 starts its one-step SDXL generator."""
+    torch.manual_seed(seed)
+    generator = MLPGenerator(noise_dim=pairs[0].shape[1], data_dim=pairs[1].shape[1])
+    players = {"generator": Player(generator, lr, weight_decay=0.0)}
+    Trainer(RegressionObjective(generator, pairs, batch_size), players,
+            TrainConfig(steps, seed=seed, log_every=max(steps // 20, 1))).fit()
+    return generator
+
+
+def sample_multistep(student: Denoiser, sigmas: tuple[float, ...], n: int, seed: int = 0,
+                     steps: int | None = None) -> Tensor:
+    """n samples of a multi-step toy student (any denoiser, e.g. the teacher itself) after its first ``steps``
+    steps (default all): the last x0 it predicts."""
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        predictions, _ = dmd.multistep_generate(student, torch.randn(n, 2, generator=rng), sigmas[:steps], rng)
+    return predictions[-1]
+
+
 @dataclass
 class Distillation:
     generator: nn.Module
@@ -85,14 +107,12 @@ class Distillation:
 
     def sample(self, n: int, seed: int = 0, steps: int | None = None) -> Tensor:
         """n samples; a multi-step student runs its first ``steps`` steps (default all) and returns the last x0."""
-        rng = torch.Generator().manual_seed(seed)
         sigmas = self.objective.settings.student_sigmas
-        with torch.no_grad():
-            if sigmas is None:
-                return self.generator(torch.randn(n, self.generator.noise_dim, generator=rng))
-            predictions, _ = dmd.multistep_generate(self.generator, torch.randn(n, 2, generator=rng),
-                                                    sigmas[:steps], rng)
-            return predictions[-1]
+        if sigmas is None:
+            with torch.no_grad():
+                z = torch.randn(n, self.generator.noise_dim, generator=torch.Generator().manual_seed(seed))
+                return self.generator(z)
+        return sample_multistep(self.generator, sigmas, n, seed, steps)
 
     def step_inputs(self, n: int, seed: int = 0) -> list[Tensor]:
         """The inputs a multi-step student meets at each of its steps at inference."""
@@ -110,6 +130,7 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
             regression_weight: float = 0.0, dm_weight: float = 1.0, gan_weights: tuple[float, float] = (0.0, 0.0),
             head_features: str = "critic", real_data: Tensor | None = None,
             student_sigmas: tuple[float, ...] | None = None, backward_simulation: bool = True,
+            initial_generator: nn.Module | None = None,
             evaluate: Callable[[Trainer], dict[str, float]] | None = None, eval_every: int = 0,
             out_dir: str | Path | None = None) -> Distillation:
     """Distil ``teacher`` into a toy student with DMD2 (DM loss; no regression loss unless asked).
@@ -125,7 +146,8 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
     critic's bottleneck (``head_features="critic"``, DMD2) or the frozen teacher's (``"teacher"``), and
     discriminates ``real_data`` (a fixed data set; rows drawn at random each step) from generator samples.
     ``student_sigmas``: a multi-step student (a copy of the teacher), trained with ``backward_simulation`` or on
-    ``real_data`` noised to its levels.
+    ``real_data`` noised to its levels. ``initial_generator``: a one-step generator to start from (copied, e.g.
+    :func:`regression_warm_start`) instead of a fresh one.
     """
     if critic not in ("learned", "oracle"):
         raise ValueError(f"critic must be 'learned' or 'oracle'; got {critic!r}")
@@ -136,6 +158,8 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
         raise ValueError("the GAN head lives on a learned critic; use critic='learned' with gan_weights")
     if student_sigmas is not None and not isinstance(teacher, nn.Module):
         raise ValueError("a multi-step student starts as a copy of the teacher, so the teacher must be a module")
+    if student_sigmas is not None and initial_generator is not None:
+        raise ValueError("initial_generator is a one-step generator; a multi-step student starts from the teacher")
     if student_sigmas is not None and critic == "oracle":
         raise ValueError("the oracle critic samples a one-step generator; a multi-step student needs critic='learned'")
     if gan and head_features == "teacher" and not hasattr(teacher, "features"):
@@ -143,7 +167,7 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
                          ".features(x, sigma), e.g. an MLPDenoiser")
     torch.manual_seed(seed)
     if student_sigmas is None:
-        generator = MLPGenerator(data_dim=data.dim)
+        generator = MLPGenerator(data_dim=data.dim) if initial_generator is None else copy.deepcopy(initial_generator)
         sample_latents = lambda n, rng: torch.randn(n, generator.noise_dim, generator=rng)  # noqa: E731
     else:
         generator = copy.deepcopy(teacher).requires_grad_(True).train()
@@ -206,3 +230,17 @@ def critic_tracking(teacher: Denoiser, num_reference: int = 2048, num_points: in
                 "teacher_error": toy_metrics.critic_error(teacher, reference.denoise, points, generator=rng)}
 
     return evaluate
+
+
+def loss_gradient_norms(run: Distillation, n: int = 1024, seed: int = 0) -> dict[str, float]:
+    """Mean per-sample norm of the gradient that the DM loss and the generator's GAN loss each put on a sample x
+    (before their weights), at the run's final generator and critic: the two scales the GAN weight balances."""
+    objective, rng = run.objective, torch.Generator().manual_seed(seed)
+    x = run.sample(n, seed=seed).requires_grad_(True)
+    dm, _ = dmd.distribution_matching_step(x, objective.real, objective.fake, objective.schedule,
+                                           objective.settings.dm_timesteps, rng)
+    gan = dmd.gan_generator_loss(dmd.gan_logits(objective.fake.logits, x, objective.schedule,
+                                                objective.settings.gan_timesteps, rng))
+    # Both losses are means over the batch: n * d(loss)/dx_i is sample i's own gradient.
+    return {name: (n * torch.autograd.grad(loss, x)[0]).norm(dim=1).mean().item()
+            for name, loss in (("dm", dm), ("gan", gan))}

@@ -71,8 +71,7 @@ def test_short_distillation_with_exact_teacher_improves_mmd_fourfold():
     data = toy2d.ring()
     torch.manual_seed(0)
     before = _mmd_of(toy2d.MLPGenerator(), data)
-    run = tx.distill(data.denoise, data, critic="learned", ratio=5, generator_steps=150, seed=0,
-                              ema_decay=None)
+    run = tx.distill(data.denoise, data, critic="learned", ratio=5, generator_steps=150, seed=0, ema_decay=None)
     after = _mmd_of(run.generator, data)
     assert after * 4 < before, (before, after)
 
