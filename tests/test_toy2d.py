@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from dmd2lab.toy2d import (DATASETS, GaussianMixture, MLPDenoiser, MLPGenerator, OracleFakeDenoiser, grid,
-                           make_dataset, ring, tree)
+                           make_dataset, ring)
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from dmd2lab import toy2d, toy_experiments as tx, toy_metrics
 from dmd2lab.diffusion import NoiseSchedule
 from dmd2lab.dmd import GANHead
 from dmd2lab.objective import CriticWithHead, DMD2Objective, DMD2Settings, RegressionObjective
-from dmd2lab.train import Player, TrainConfig, Trainer
+from dmd2lab.train import TrainConfig, Trainer
 
 torch.set_num_threads(1)
 
