@@ -1,9 +1,10 @@
 """Run one lab on many seeds (headless, papermill, in parallel) and print its claims and metrics per seed.
 
     python bench/lab_seeds.py 01 --seeds 0-9 --workers 2 [-p quick True] [--metrics student_mmd teacher100_mmd]
+                              [--out runs/seeds/01-full]
 
 Every claim a lab asserts must hold on any seed: this is how the margins in the labs are measured. Executed
-notebooks and results go to runs/seeds/<lab>/seed-N.{ipynb,json}.
+notebooks and results go to runs/seeds/<lab>/seed-N.{ipynb,json} (or --out).
 """
 from __future__ import annotations
 
@@ -46,10 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--metrics", nargs="*", default=None, help="metric columns (default: all)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/seeds/<lab>)")
     args = parser.parse_args(argv)
     parameters = {k: parameter_value(v) for k, v in args.parameter}
     lab_path(args.lab)
-    out = ROOT / "runs" / "seeds" / args.lab
+    # Absolute: the notebooks run with labs/ as their working directory.
+    out = Path(args.out).resolve() if args.out else ROOT / "runs" / "seeds" / args.lab
     out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(run_one, [args.lab] * len(seeds(args.seeds)), seeds(args.seeds),

@@ -44,8 +44,7 @@ def training_speed(steps: int) -> list[tuple[str, float]]:
          steps / timed(lambda: tx.distill(teacher, data, ratio=5, generator_steps=steps // 5, real_data=real,
                                           student_sigmas=tx.student_sigmas()))),
         ("DMD2 generator step, exact oracle critic (1024 samples)",
-         steps / 5 / timed(lambda: tx.distill(data.denoise, data, critic="oracle",
-                                                       generator_steps=steps // 5))),
+         steps / 5 / timed(lambda: tx.distill(data.denoise, data, critic="oracle", generator_steps=steps // 5))),
     ]
     return rows
 

@@ -194,7 +194,8 @@ class GANHead(nn.Module):
         elif len(feature_shape) == 3:
             channels, height, width_px = feature_shape
             if height != width_px:
-                raise ValueError(f"GANHead expects square feature maps; got {height}x{width_px}")
+                raise ValueError(f"GANHead expects square feature maps; got {height}x{width_px}: crop or pool the "
+                                 "features to a square map before the head")
             width = hidden or channels
             layers, size, c_in = [], height, channels
             while size > 4:
@@ -230,7 +231,7 @@ def multistep_generate(student: Denoiser, noise: Tensor, sigmas: Sequence[float]
     largest sigma), predict x0 = G(x, sigma_k), re-noise it with FRESH noise to sigma_{k+1}, and repeat; the last
     prediction is the sample. Returns (the x0 predicted at every step, the input met at every step)."""
     if len(sigmas) < 1:
-        raise ValueError("a multi-step student needs at least one sigma")
+        raise ValueError("multistep_generate needs at least one noise level in sigmas (largest first)")
     x, predictions, inputs = noise * float(sigmas[0]), [], []
     for k, sigma in enumerate(sigmas):
         inputs.append(x)

@@ -89,6 +89,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_parameters(counts: dict[str, object] | None = None, positive: dict[str, object] | None = None) -> None:
+    """Reject a lab's bad parameter values one at a time, naming the parameter: ``counts`` must be integers >= 1,
+    ``positive`` numbers > 0. (Types are checked by :func:`start`; a None default admits any type, so ranges are
+    checked here.)"""
+    for name, value in (counts or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"lab parameter {name!r} must be an integer >= 1; got {value!r}")
+    for name, value in (positive or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"lab parameter {name!r} must be a number > 0; got {value!r}")
+
+
 def start(namespace: dict, cpu_threads: int = 1) -> LabContext:
     """Call first thing after the parameters cell with ``globals()``: checks papermill-injected parameters
     (read from the kernel's input history), seeds everything, and sets ``cpu_threads`` for work on the CPU

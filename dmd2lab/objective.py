@@ -54,6 +54,13 @@ class DMD2Settings:
                              f"{self.gan_generator_weight} / {self.gan_discriminator_weight}")
         if self.dm_weight == 0 and not self.gan and self.regression_weight == 0:
             raise ValueError("the generator has no loss: dm_weight, regression_weight and the GAN weights are all 0")
+        if self.gan_timesteps is not None and not self.gan:
+            raise ValueError("gan_timesteps is set but the GAN is off; set the GAN weights or drop gan_timesteps")
+        if self.student_sigmas is None and not self.backward_simulation:
+            raise ValueError("backward_simulation=False only applies to a multi-step student; set student_sigmas")
+        if self.student_sigmas is not None and self.regression_weight > 0:
+            raise ValueError("regression_weight regresses a one-step generator G(z) on teacher pairs; a multi-step "
+                             "student (student_sigmas) takes (x, sigma): use one or the other")
         if self.student_sigmas is not None:
             sigmas = tuple(float(s) for s in self.student_sigmas)
             if not sigmas or not all(s > 0 for s in sigmas) or not all(a > b for a, b in zip(sigmas, sigmas[1:])):
@@ -78,13 +85,16 @@ class CriticWithHead(nn.Module):
             raise ValueError(f"{type(critic).__name__} has no .features(x, sigma); pass the features function "
                              "the GAN head should read (e.g. a UNet's mid-block output)")
         self.critic, self.head = critic, head
-        self._features = features
+        # A plain attribute, so another network's features (a frozen teacher's) never join this player's
+        # optimizer or checkpoint.
+        self.__dict__["_features"] = features
 
     def forward(self, x: Tensor, sigma) -> Tensor:
         return self.critic(x, sigma)
 
     def logits(self, x: Tensor, sigma) -> Tensor:
-        return self.head((self._features or self.critic.features)(x, sigma))
+        features = self._features if self._features is not None else self.critic.features
+        return self.head(features(x, sigma))
 
 
 class DMD2Objective:
@@ -97,14 +107,15 @@ class DMD2Objective:
     multi-step student: standard normal noise of the data's shape); ``sample_real(n, rng)`` draws real data
     (needed by the GAN and by a multi-step student trained without backward simulation).
     ``regression_pairs`` = (z, y): teacher ODE noise -> sample pairs for DMD1's regression loss.
-    ``recent_inputs`` keeps the last ``keep_inputs`` batches of student inputs per step (multi-step students) so
-    the inputs seen in training can be compared with those met at inference; a diagnostic, not checkpointed.
+    ``recent_inputs`` keeps the last ``keep_inputs`` batches of student inputs per step (multi-step students; 0 =
+    none, the default) on the CPU, so the inputs seen in training can be compared with those met at inference; a
+    diagnostic, not checkpointed.
     """
 
     def __init__(self, generator: nn.Module, fake: Denoiser, real: Denoiser, schedule: NoiseSchedule,
                  sample_latents: Callable[[int, torch.Generator], Tensor], settings: DMD2Settings,
                  regression_pairs: tuple[Tensor, Tensor] | None = None,
-                 sample_real: Callable[[int, torch.Generator], Tensor] | None = None, keep_inputs: int = 4):
+                 sample_real: Callable[[int, torch.Generator], Tensor] | None = None, keep_inputs: int = 0):
         if settings.regression_weight > 0 and regression_pairs is None:
             raise ValueError("regression_weight > 0 needs regression_pairs=(noise, teacher_samples)")
         if isinstance(fake, nn.Module) and not any(p.requires_grad for p in fake.parameters()):
@@ -113,8 +124,9 @@ class DMD2Objective:
                              ".requires_grad_(True) on it, or pass a plain function for a fixed fake score.")
         if settings.gan and not isinstance(fake, CriticWithHead):
             raise ValueError("the GAN loss needs a discriminator: pass fake=CriticWithHead(critic, GANHead(...))")
-        if keep_inputs < 1:
-            raise ValueError(f"keep_inputs must be >= 1 (batches of student inputs kept per step); got {keep_inputs}")
+        if not isinstance(keep_inputs, int) or keep_inputs < 0:
+            raise ValueError(f"keep_inputs must be an integer >= 0 (batches of student inputs kept per step); got "
+                             f"{keep_inputs!r}")
         needs_real = settings.gan or (settings.student_sigmas is not None and not settings.backward_simulation)
         if needs_real and sample_real is None:
             raise ValueError("the GAN loss and a multi-step student trained on noised real data need "
@@ -141,7 +153,7 @@ class DMD2Objective:
         z = self.sample_latents(s.batch_size, rng)
         context = {}
         if s.gan:
-            context["real"] = self.sample_real(s.batch_size, rng)
+            context["real"] = self.sample_real(z.shape[0], rng)
         if s.student_sigmas is None:
             with torch.set_grad_enabled("generator" in updating):
                 context["x"] = self.generator(z)
@@ -150,11 +162,12 @@ class DMD2Objective:
         if s.backward_simulation:
             student_input = dmd.backward_simulation(self.generator, z, s.student_sigmas, k, rng)
         else:
-            student_input = add_noise(self.sample_real(s.batch_size, rng), s.student_sigmas[k], z)
-        kept = self.recent_inputs.setdefault(k, [])
-        kept.append(student_input.detach())
-        del kept[:-self.keep_inputs]
-        sigma = torch.full((s.batch_size,), s.student_sigmas[k], device=z.device)
+            student_input = add_noise(self.sample_real(z.shape[0], rng), s.student_sigmas[k], z)
+        if self.keep_inputs:
+            kept = self.recent_inputs.setdefault(k, [])
+            kept.append(student_input.detach().cpu())
+            del kept[:-self.keep_inputs]
+        sigma = torch.full((z.shape[0],), s.student_sigmas[k], device=z.device)
         with torch.set_grad_enabled("generator" in updating):
             context["x"] = self.generator(student_input, sigma)
         return context

@@ -174,7 +174,7 @@ class MLPDenoiser(nn.Module):
     def __init__(self, data_dim: int = 2, hidden: int = 64, depth: int = 3, sigma_data: float = 1.0,
                  embedding_dim: int = 32):
         super().__init__()
-        self.sigma_data = sigma_data
+        self.sigma_data, self.data_dim = sigma_data, data_dim
         self.register_buffer("frequencies", 2 * math.pi * torch.logspace(-1.5, 0.5, embedding_dim // 2))
         self.embed = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.SiLU())
         self.inp = nn.Linear(data_dim, hidden)
@@ -182,6 +182,11 @@ class MLPDenoiser(nn.Module):
         # Every layer's scale and shift from one matmul: on CPU these tiny nets are bound by autograd overhead.
         self.film = nn.Linear(hidden, 2 * hidden * depth)
         self.out = nn.Linear(hidden, data_dim)
+
+    @property
+    def feature_shape(self) -> tuple[int]:
+        """Shape of one sample's ``features`` (the bottleneck a GAN head reads)."""
+        return (self.out.in_features,)
 
     def features(self, x: Tensor, sigma) -> Tensor:
         return self._features(x, per_sample_sigma(sigma, x, dtype=torch.float32, positive=True))

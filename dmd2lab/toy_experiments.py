@@ -87,12 +87,12 @@ def regression_warm_start(pairs: tuple[Tensor, Tensor], steps: int = 1000, lr: f
 
 
 def sample_multistep(student: Denoiser, sigmas: tuple[float, ...], n: int, seed: int = 0,
-                     steps: int | None = None) -> Tensor:
+                     steps: int | None = None, dim: int = 2) -> Tensor:
     """n samples of a multi-step toy student (any denoiser, e.g. the teacher itself) after its first ``steps``
     steps (default all): the last x0 it predicts."""
     rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        predictions, _ = dmd.multistep_generate(student, torch.randn(n, 2, generator=rng), sigmas[:steps], rng)
+        predictions, _ = dmd.multistep_generate(student, torch.randn(n, dim, generator=rng), sigmas[:steps], rng)
     return predictions[-1]
 
 
@@ -112,14 +112,16 @@ class Distillation:
             with torch.no_grad():
                 z = torch.randn(n, self.generator.noise_dim, generator=torch.Generator().manual_seed(seed))
                 return self.generator(z)
-        return sample_multistep(self.generator, sigmas, n, seed, steps)
+        return sample_multistep(self.generator, sigmas, n, seed, steps, self.generator.data_dim)
 
     def step_inputs(self, n: int, seed: int = 0) -> list[Tensor]:
         """The inputs a multi-step student meets at each of its steps at inference."""
+        if self.objective.settings.student_sigmas is None:
+            raise ValueError("step_inputs needs a multi-step student (distill with student_sigmas)")
         rng = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            _, inputs = dmd.multistep_generate(self.generator, torch.randn(n, 2, generator=rng),
-                                               self.objective.settings.student_sigmas, rng)
+            noise = torch.randn(n, self.generator.data_dim, generator=rng)
+            _, inputs = dmd.multistep_generate(self.generator, noise, self.objective.settings.student_sigmas, rng)
         return inputs
 
 
@@ -146,7 +148,8 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
     critic's bottleneck (``head_features="critic"``, DMD2) or the frozen teacher's (``"teacher"``), and
     discriminates ``real_data`` (a fixed data set; rows drawn at random each step) from generator samples.
     ``student_sigmas``: a multi-step student (a copy of the teacher), trained with ``backward_simulation`` or on
-    ``real_data`` noised to its levels. ``initial_generator``: a one-step generator to start from (copied, e.g.
+    ``real_data`` noised to its levels; the last 4 batches of inputs of each step are kept
+    (``objective.recent_inputs``) to measure the training-inference mismatch. ``initial_generator``: a one-step generator to start from (copied, e.g.
     :func:`regression_warm_start`) instead of a fresh one.
     """
     if critic not in ("learned", "oracle"):
@@ -154,6 +157,12 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
     if head_features not in ("critic", "teacher"):
         raise ValueError(f"head_features must be 'critic' or 'teacher'; got {head_features!r}")
     gan = any(w > 0 for w in gan_weights)
+    if gan and not all(w > 0 for w in gan_weights):
+        raise ValueError(f"gan_weights = (generator, discriminator) must both be > 0 to train a GAN, or both 0; "
+                         f"got {gan_weights}")
+    if real_data is None and (gan or (student_sigmas is not None and not backward_simulation)):
+        raise ValueError("real_data (a tensor of data samples) is needed by the GAN and by a multi-step student "
+                         "trained without backward simulation")
     if gan and critic != "learned":
         raise ValueError("the GAN head lives on a learned critic; use critic='learned' with gan_weights")
     if student_sigmas is not None and not isinstance(teacher, nn.Module):
@@ -182,7 +191,7 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
         fake = MLPDenoiser(data.dim, sigma_data=sigma_data)
     if gan:
         features = teacher.features if head_features == "teacher" else None
-        fake = CriticWithHead(fake, GANHead((fake.layers[0].out_features,)), features)
+        fake = CriticWithHead(fake, GANHead(fake.feature_shape), features)
     sample_real = None
     if real_data is not None:
         sample_real = lambda n, rng: real_data[torch.randint(0, len(real_data), (n,), generator=rng)]  # noqa: E731
@@ -191,7 +200,8 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
                             gan_generator_weight=gan_weights[0], gan_discriminator_weight=gan_weights[1],
                             student_sigmas=student_sigmas, backward_simulation=backward_simulation)
     objective = DMD2Objective(generator, fake, teacher, NoiseSchedule.geometric(1000, *DISTILL_SIGMAS),
-                              sample_latents, settings, regression_pairs, sample_real)
+                              sample_latents, settings, regression_pairs, sample_real,
+                              keep_inputs=4 if student_sigmas is not None else 0)
     players = objective.players(lr_generator, lr_critic, ratio, ema_decay=ema_decay, weight_decay=0.0,
                                 warmup_steps=warmup_steps)
     steps = generator_steps * ratio
@@ -204,12 +214,14 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
 
 
 def evaluate_samples(samples: Tensor, data: GaussianMixture) -> dict[str, float]:
-    """The exact metrics of :mod:`dmd2lab.toy_metrics` as one flat dict of numbers."""
+    """The exact metrics of :mod:`dmd2lab.toy_metrics` as one flat dict of finite numbers (``spread_ratio`` only
+    when some sample lies near a mode)."""
     modes = toy_metrics.mode_statistics(samples, data)
     return {"nll": toy_metrics.negative_log_likelihood(samples, data), "mmd": toy_metrics.mmd(samples, data),
             "modes_covered": modes["modes_covered"], "weakest_mode_share": modes["weakest_mode_share"],
             "mass_tv": modes["mass_tv"], "outlier_fraction": modes["outlier_fraction"],
-            "spread_ratio": modes["spread_ratio"]}
+            # Undefined (NaN) when no sample lies near any mode: left out, so every value is a number.
+            **({"spread_ratio": modes["spread_ratio"]} if math.isfinite(modes["spread_ratio"]) else {})}
 
 
 def critic_tracking(teacher: Denoiser, num_reference: int = 2048, num_points: int = 256,
@@ -223,6 +235,8 @@ def critic_tracking(teacher: Denoiser, num_reference: int = 2048, num_points: in
     def evaluate(trainer: Trainer) -> dict[str, float]:
         rng = torch.Generator().manual_seed(seed * 1_000_003 + trainer.step)
         generator, critic = trainer.players["generator"].module, trainer.players["critic"].module
+        if not hasattr(generator, "noise_dim"):
+            raise ValueError("critic_tracking samples a one-step generator z -> x; this run's student is multi-step")
         with torch.no_grad():
             reference = GaussianMixture(generator(torch.randn(num_reference, generator.noise_dim, generator=rng)), 0.0)
             points = generator(torch.randn(num_points, generator.noise_dim, generator=rng))
@@ -236,6 +250,8 @@ def loss_gradient_norms(run: Distillation, n: int = 1024, seed: int = 0) -> dict
     """Mean per-sample norm of the gradient that the DM loss and the generator's GAN loss each put on a sample x
     (before their weights), at the run's final generator and critic: the two scales the GAN weight balances."""
     objective, rng = run.objective, torch.Generator().manual_seed(seed)
+    if not objective.settings.gan:
+        raise ValueError("loss_gradient_norms compares the DM and GAN gradients: the run needs gan_weights > 0")
     x = run.sample(n, seed=seed).requires_grad_(True)
     dm, _ = dmd.distribution_matching_step(x, objective.real, objective.fake, objective.schedule,
                                            objective.settings.dm_timesteps, rng)

@@ -175,3 +175,13 @@ def test_cli_reads_parameter_values_like_papermill(raw, value):
 def test_runner_refuses_a_results_path_parameter(tmp_path):
     with pytest.raises(ValueError, match="--out"):
         labs.run_labs(ROOT / "labs", tmp_path, parameters={"results_path": "x.json"})
+
+
+def test_check_parameters_names_the_bad_parameter():
+    from dmd2lab.labs import check_parameters
+    check_parameters(counts={"steps": 3}, positive={"lr": 1e-3, "weight": 2})
+    for counts, positive, name in [({"steps": 0}, {}, "steps"), ({"steps": 2.5}, {}, "steps"),
+                                   ({"steps": True}, {}, "steps"), ({}, {"lr": -1.0}, "lr"),
+                                   ({}, {"lr": float("nan")}, "lr"), ({}, {"lr": "fast"}, "lr")]:
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            check_parameters(counts, positive)

@@ -54,7 +54,18 @@ def test_spread_ratio_measures_the_width_of_the_modes():
     assert toy_metrics.mode_statistics(exact, data)["spread_ratio"] == pytest.approx(0.97, abs=0.02)
     # Exact samples lose their tails to the 3-std window (0.97); halved offsets all stay inside it, so exactly 0.5.
     assert toy_metrics.mode_statistics(half_width, data)["spread_ratio"] == pytest.approx(0.5, abs=0.02)
-    assert math.isnan(toy_metrics.mode_statistics(torch.full((10, 2), 50.0), data)["spread_ratio"])
+    far = torch.full((10, 2), 50.0)
+    assert math.isnan(toy_metrics.mode_statistics(far, data)["spread_ratio"])
+    assert "spread_ratio" not in tx.evaluate_samples(far, data)  # evaluate_samples keeps only numbers
+
+
+def test_settings_reject_combinations_that_would_silently_do_nothing_or_crash_late():
+    with pytest.raises(ValueError, match="gan_timesteps"):
+        DMD2Settings(gan_timesteps=(0, 10))
+    with pytest.raises(ValueError, match="backward_simulation=False"):
+        DMD2Settings(backward_simulation=False)
+    with pytest.raises(ValueError, match="regression_weight"):
+        DMD2Settings(regression_weight=1.0, student_sigmas=(1.0, 0.1))
 
 
 def test_regression_warm_start_recovers_a_linear_map():
