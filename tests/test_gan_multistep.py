@@ -503,11 +503,16 @@ def test_objective_without_gan_logs_no_gan_quantity():
     assert not any("gan" in k or "discriminator" in k for k in {**g_logs, **c_logs})
 
 
+def _prepared(objective, seed):
+    """One prepared batch, the loop's RNG after it, and a clone of that RNG to replay the loss's draws."""
+    rng = gen(seed)
+    context = objective.prepare(0, ["generator", "critic"], rng)
+    return context, rng, clone_rng(rng)
+
+
 def test_objective_losses_equal_recomputation_from_dmd_pieces():
     objective = make_objective(**GAN)
-    rng = gen(4)
-    context = objective.prepare(0, ["generator", "critic"], rng)
-    replay = clone_rng(rng)
+    context, rng, replay = _prepared(objective, 4)
     g_loss, _ = objective.loss("generator", context, rng)
     dm, _ = dmd.distribution_matching_step(context["x"], DATA.denoise, objective.fake, SMALL_SCHEDULE, None, replay)
     gan = gan_generator_loss(gan_logits(objective.fake.logits, context["x"], SMALL_SCHEDULE, None, replay))
@@ -525,9 +530,7 @@ def test_objective_losses_equal_recomputation_from_dmd_pieces():
 
 def test_gan_only_generator_loss_is_the_weighted_gan_loss():
     objective = make_objective(dm_weight=0.0, **GAN)
-    rng = gen(1)
-    context = objective.prepare(0, ["generator", "critic"], rng)
-    replay = clone_rng(rng)
+    context, rng, replay = _prepared(objective, 1)
     loss, logs = objective.loss("generator", context, rng)
     assert "dm_loss" not in logs and "real_fake_gap" not in logs
     gan = gan_generator_loss(gan_logits(objective.fake.logits, context["x"], SMALL_SCHEDULE, None, replay))
@@ -541,9 +544,7 @@ def test_gan_only_generator_loss_is_the_weighted_gan_loss():
 
 def test_critic_gan_term_trains_the_head_and_the_critic_body_but_not_the_generator():
     objective = make_objective(**GAN)
-    rng = gen(2)
-    context = objective.prepare(0, ["generator", "critic"], rng)
-    replay = clone_rng(rng)
+    context, rng, replay = _prepared(objective, 2)
     loss, _ = objective.loss("critic", context, rng)
     dsm, _ = dmd.fake_score_loss(objective.fake, context["x"], SMALL_SCHEDULE, "edm", 0.5, None, replay)
     (loss - dsm).backward()  # the GAN term alone (same draws as inside the objective)
