@@ -132,9 +132,11 @@ class DMD2Objective:
             raise ValueError("the GAN loss and a multi-step student trained on noised real data need "
                              "sample_real=(n, rng) -> real data samples")
         self.generator, self.fake, self.real, self.schedule = generator, fake, real, schedule
-        self.sample_latents, self.settings, self.regression_pairs = sample_latents, settings, regression_pairs
+        self.sample_latents, self.settings = sample_latents, settings
         self.sample_real, self.keep_inputs = sample_real, keep_inputs
         self.recent_inputs: dict[int, list[Tensor]] = {}
+        self.regression = (RegressionObjective(generator, regression_pairs, settings.batch_size)
+                           if settings.regression_weight > 0 else None)
 
     def players(self, lr_generator: float, lr_critic: float, ratio: int = 5, **kwargs) -> dict[str, Player]:
         """Generator every ``ratio`` steps, critic every step (TTUR); ``kwargs`` go to both Players, except
@@ -187,11 +189,9 @@ class DMD2Objective:
                                                         s.gan_timesteps, rng))
             logs["gan_generator_loss"] = gan.detach()
             loss = loss + s.gan_generator_weight * gan
-        if s.regression_weight > 0:
-            z, y = self.regression_pairs
-            pick = torch.randint(0, z.shape[0], (s.batch_size,), generator=rng, device=rng.device).to(z.device)
-            reg = dmd.regression_loss(self.generator(z[pick]), y[pick])
-            logs["regression_loss"] = reg.detach()
+        if self.regression is not None:
+            reg, reg_logs = self.regression.loss("generator", self.regression.prepare(0, ["generator"], rng), rng)
+            logs.update(reg_logs)
             loss = loss + s.regression_weight * reg
         return loss, logs
 

@@ -86,14 +86,19 @@ def regression_warm_start(pairs: tuple[Tensor, Tensor], steps: int = 1000, lr: f
     return generator
 
 
+def _run_multistep(student: Denoiser, sigmas: tuple[float, ...], n: int, seed: int,
+                   dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    """A multi-step student's inference from seeded noise, without grad: (x0 per step, input per step)."""
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return dmd.multistep_generate(student, torch.randn(n, dim, generator=rng), sigmas, rng)
+
+
 def sample_multistep(student: Denoiser, sigmas: tuple[float, ...], n: int, seed: int = 0,
                      steps: int | None = None, dim: int = 2) -> Tensor:
     """n samples of a multi-step toy student (any denoiser, e.g. the teacher itself) after its first ``steps``
     steps (default all): the last x0 it predicts."""
-    rng = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        predictions, _ = dmd.multistep_generate(student, torch.randn(n, dim, generator=rng), sigmas[:steps], rng)
-    return predictions[-1]
+    return _run_multistep(student, sigmas[:steps], n, seed, dim)[0][-1]
 
 
 @dataclass
@@ -118,11 +123,8 @@ class Distillation:
         """The inputs a multi-step student meets at each of its steps at inference."""
         if self.objective.settings.student_sigmas is None:
             raise ValueError("step_inputs needs a multi-step student (distill with student_sigmas)")
-        rng = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            noise = torch.randn(n, self.generator.data_dim, generator=rng)
-            _, inputs = dmd.multistep_generate(self.generator, noise, self.objective.settings.student_sigmas, rng)
-        return inputs
+        return _run_multistep(self.generator, self.objective.settings.student_sigmas, n, seed,
+                              self.generator.data_dim)[1]
 
 
 def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", ratio: int = 5,
