@@ -55,35 +55,55 @@ def distribution_matching_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) 
     return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def distribution_matching_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
+def distribution_matching_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor, weights: Tensor | None = None) -> Tensor:
     """The DMD2 generator loss whose gradient with respect to x is ``distribution_matching_gradient / x.numel()``:
 
         L_DM = 0.5 * mean((x - stopgrad(x - grad))^2)
 
     Descending it moves each sample toward the teacher's denoised estimate and away from the critic's, i.e.
-    up the real score and down the fake one: the reverse-KL gradient of DMD eq. 7.
+    up the real score and down the fake one: the reverse-KL gradient of DMD eq. 7. ``weights`` (batch,) scale each
+    sample's gradient: f-distill's density-ratio weights (:func:`dmd2lab.followups.f_divergence_weights`) turn it
+    into the gradient of another f-divergence; None is DMD.
     """
+    grad = distribution_matching_gradient(x, real_x0, fake_x0)
+    if weights is not None:
+        if weights.shape != (x.shape[0],):
+            raise ValueError(f"weights must have shape (batch,) = ({x.shape[0]},); got {tuple(weights.shape)}")
+        grad = append_dims(weights.detach().to(grad), x.ndim) * grad
+    return gradient_loss(x, grad)
+
+
+def gradient_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """0.5 * mean((x - stopgrad(x - grad))^2): a loss whose gradient with respect to x is ``grad / x.numel()``, the
+    way DMD applies a gradient it computes directly rather than by differentiating a loss."""
     # In float64: in float32, x - (x - grad) loses the low bits of grad when grad << x.
     x64 = x.double()
-    target = (x64 - distribution_matching_gradient(x, real_x0, fake_x0)).detach()
+    target = (x64 - grad.detach().double()).detach()
     return (0.5 * torch.mean((x64 - target) ** 2)).to(x.dtype)
 
 
 def distribution_matching_step(x: Tensor, real: Denoiser, fake: Denoiser, schedule: NoiseSchedule,
                                timesteps: tuple[int, int] | None = None,
-                               generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                               generator: torch.Generator | None = None,
+                               weighting: Callable[[Tensor, Tensor], Tensor] | None = None
+                               ) -> tuple[Tensor, dict[str, Tensor]]:
     """Draw t uniformly in ``timesteps`` (default: :func:`dm_timesteps`) and fresh noise, noise the generator
     sample, ask both denoisers (no grad) for x0, and return the DM loss with diagnostics (DMD2 Algorithm 1,
-    generator update)."""
+    generator update). ``weighting(x_t, sigma)`` -> per-sample weights (f-distill; see
+    :func:`distribution_matching_loss`)."""
     low, high = timesteps if timesteps is not None else dm_timesteps(schedule)
     t = schedule.sample_timesteps(x.shape[0], low, high, generator=generator, device=x.device)
     sigma = schedule.sigma(t)
     with torch.no_grad():
         x_t = add_noise(x.detach(), sigma, _normal_like(x, generator))
         real_x0, fake_x0 = real(x_t, sigma), fake(x_t, sigma)
-    loss = distribution_matching_loss(x, real_x0, fake_x0)
+        weights = weighting(x_t, sigma) if weighting is not None else None
+    loss = distribution_matching_loss(x, real_x0, fake_x0, weights)
     gap = _per_sample_mean((fake_x0 - real_x0).double() ** 2).sqrt()
-    return loss, {"dm_loss": loss.detach(), "real_fake_gap": gap.mean()}
+    logs = {"dm_loss": loss.detach(), "real_fake_gap": gap.mean()}
+    if weights is not None:
+        logs["dm_largest_sample_weight"] = weights.max().detach()
+    return loss, logs
 
 
 def denoising_weight(sigma: Tensor, weighting: str, sigma_data: float = 0.5) -> Tensor:

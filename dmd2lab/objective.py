@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import dmd
+from . import dmd, followups
 from .diffusion import Denoiser, NoiseSchedule, add_noise
 from .train import Player
 
@@ -26,7 +26,12 @@ class DMD2Settings:
     on teacher pairs (0 = DMD2, which drops it); ``gan_generator_weight`` / ``gan_discriminator_weight``: the
     GAN loss (0 / 0 = no GAN; DMD2 ImageNet: 3e-3 / 1e-2), inputs re-noised over ``gan_timesteps`` (None =
     whole table); ``student_sigmas``: the noise levels of a multi-step student, largest first (None = a one-step
-    generator from latents), trained on ``backward_simulation`` inputs or else on noised real data."""
+    generator from latents), trained on ``backward_simulation`` inputs or else on noised real data.
+
+    Follow-ups (:mod:`dmd2lab.followups`): ``divergence``: the f-divergence the DM loss descends (f-distill;
+    "reverse_kl" = DMD), its density ratio given to :class:`DMD2Objective` or read off the GAN head's logit (then
+    the discriminator may train with ``gan_generator_weight`` 0); ``first_step_target_prediction``: DP-DMD — a
+    multi-step student's first step learns the teacher's prediction and the DM loss trains the later steps only."""
 
     batch_size: int = 256
     dm_timesteps: tuple[int, int] | None = None
@@ -40,6 +45,8 @@ class DMD2Settings:
     gan_timesteps: tuple[int, int] | None = None
     student_sigmas: tuple[float, ...] | None = None
     backward_simulation: bool = True
+    divergence: str = "reverse_kl"
+    first_step_target_prediction: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -48,10 +55,17 @@ class DMD2Settings:
         for name in ("dm_weight", "regression_weight", "gan_generator_weight", "gan_discriminator_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.gan and not (self.gan_generator_weight > 0 and self.gan_discriminator_weight > 0):
+        if self.divergence not in followups.F_DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of "
+                             f"{', '.join(followups.F_DIVERGENCES)}")
+        if self.divergence != "reverse_kl" and self.dm_weight == 0:
+            raise ValueError(f"divergence={self.divergence!r} weights the DM loss, which is off (dm_weight = 0)")
+        ratio_reader = self.divergence != "reverse_kl" and self.gan_discriminator_weight > 0
+        if self.gan and not (self.gan_discriminator_weight > 0 and (self.gan_generator_weight > 0 or ratio_reader)):
             raise ValueError("the GAN needs both gan_generator_weight and gan_discriminator_weight > 0 (a "
-                             "discriminator that never learns, or one nobody reads, is not a GAN); got "
-                             f"{self.gan_generator_weight} / {self.gan_discriminator_weight}")
+                             "discriminator that never learns, or one nobody reads, is not a GAN; the generator "
+                             "weight may be 0 only when an f-divergence reads the discriminator's density ratio); "
+                             f"got {self.gan_generator_weight} / {self.gan_discriminator_weight}")
         if self.dm_weight == 0 and not self.gan and self.regression_weight == 0:
             raise ValueError("the generator has no loss: dm_weight, regression_weight and the GAN weights are all 0")
         if self.gan_timesteps is not None and not self.gan:
@@ -66,6 +80,9 @@ class DMD2Settings:
             if not sigmas or not all(s > 0 for s in sigmas) or not all(a > b for a, b in zip(sigmas, sigmas[1:])):
                 raise ValueError(f"student_sigmas must be positive and strictly decreasing; got {self.student_sigmas}")
             self.student_sigmas = sigmas
+        if self.first_step_target_prediction and (self.student_sigmas is None or len(self.student_sigmas) < 2):
+            raise ValueError("first_step_target_prediction (DP-DMD) trains the first of several student steps; "
+                             "set student_sigmas to at least two noise levels")
 
     @property
     def gan(self) -> bool:
@@ -107,6 +124,8 @@ class DMD2Objective:
     multi-step student: standard normal noise of the data's shape); ``sample_real(n, rng)`` draws real data
     (needed by the GAN and by a multi-step student trained without backward simulation).
     ``regression_pairs`` = (z, y): teacher ODE noise -> sample pairs for DMD1's regression loss.
+    ``log_density_ratio(x_t, sigma)`` -> log p_t / q_t per sample, for an f-divergence other than reverse KL (None =
+    the GAN head's logit, the optimal discriminator's estimate of that log ratio).
     ``recent_inputs`` keeps the last ``keep_inputs`` batches of student inputs per step (multi-step students; 0 =
     none, the default) on the CPU, so the inputs seen in training can be compared with those met at inference; a
     diagnostic, not checkpointed.
@@ -115,7 +134,8 @@ class DMD2Objective:
     def __init__(self, generator: nn.Module, fake: Denoiser, real: Denoiser, schedule: NoiseSchedule,
                  sample_latents: Callable[[int, torch.Generator], Tensor], settings: DMD2Settings,
                  regression_pairs: tuple[Tensor, Tensor] | None = None,
-                 sample_real: Callable[[int, torch.Generator], Tensor] | None = None, keep_inputs: int = 0):
+                 sample_real: Callable[[int, torch.Generator], Tensor] | None = None, keep_inputs: int = 0,
+                 log_density_ratio: Callable[[Tensor, Tensor], Tensor] | None = None):
         if settings.regression_weight > 0 and regression_pairs is None:
             raise ValueError("regression_weight > 0 needs regression_pairs=(noise, teacher_samples)")
         if isinstance(fake, nn.Module) and not any(p.requires_grad for p in fake.parameters()):
@@ -131,6 +151,18 @@ class DMD2Objective:
         if needs_real and sample_real is None:
             raise ValueError("the GAN loss and a multi-step student trained on noised real data need "
                              "sample_real=(n, rng) -> real data samples")
+        reads_discriminator = settings.divergence != "reverse_kl" and log_density_ratio is None
+        if reads_discriminator and settings.gan_discriminator_weight == 0:
+            raise ValueError(f"divergence={settings.divergence!r} needs the density ratio p_t/q_t: pass "
+                             "log_density_ratio, or train a discriminator (gan_discriminator_weight > 0) whose "
+                             "logit estimates it")
+        if log_density_ratio is not None and settings.divergence == "reverse_kl":
+            raise ValueError("log_density_ratio is only read by an f-divergence other than reverse KL; set "
+                             "settings.divergence or drop log_density_ratio")
+        if settings.gan and settings.gan_generator_weight == 0 and not reads_discriminator:
+            raise ValueError("the discriminator trains but nothing reads it: set gan_generator_weight > 0, or let "
+                             "the f-divergence read its ratio (log_density_ratio=None)")
+        self.log_density_ratio = fake.logits if reads_discriminator else log_density_ratio
         self.generator, self.fake, self.real, self.schedule = generator, fake, real, schedule
         self.sample_latents, self.settings = sample_latents, settings
         self.sample_real, self.keep_inputs = sample_real, keep_inputs
@@ -160,7 +192,9 @@ class DMD2Objective:
             with torch.set_grad_enabled("generator" in updating):
                 context["x"] = self.generator(z)
             return context
-        k = int(torch.randint(0, len(s.student_sigmas), (), generator=rng, device=rng.device))
+        # DP-DMD: the DM loss trains steps 1.. only; step 0 learns the teacher's prediction on every update.
+        first = 1 if s.first_step_target_prediction else 0
+        k = int(torch.randint(first, len(s.student_sigmas), (), generator=rng, device=rng.device))
         if s.backward_simulation:
             student_input = dmd.backward_simulation(self.generator, z, s.student_sigmas, k, rng)
         else:
@@ -172,6 +206,11 @@ class DMD2Objective:
         sigma = torch.full((z.shape[0],), s.student_sigmas[k], device=z.device)
         with torch.set_grad_enabled("generator" in updating):
             context["x"] = self.generator(student_input, sigma)
+        if s.first_step_target_prediction and "generator" in updating:
+            noise = torch.randn(z.shape, generator=rng, device=z.device, dtype=z.dtype)
+            first_input = noise * s.student_sigmas[0]
+            first_sigma = torch.full((z.shape[0],), s.student_sigmas[0], device=z.device)
+            context["first_step"] = (first_input, first_sigma, self.generator(first_input, first_sigma))
         return context
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
@@ -179,16 +218,25 @@ class DMD2Objective:
         if name == "critic":
             return self._critic_loss(context, rng)
         if s.dm_weight > 0:
+            weighting = None
+            if s.divergence != "reverse_kl":
+                weighting = lambda x_t, sigma: followups.f_divergence_weights(  # noqa: E731
+                    self.log_density_ratio(x_t, sigma).reshape(x_t.shape[0]), s.divergence)
             loss, logs = dmd.distribution_matching_step(context["x"], self.real, self.fake, self.schedule,
-                                                        s.dm_timesteps, rng)
+                                                        s.dm_timesteps, rng, weighting)
             loss = s.dm_weight * loss
         else:
             loss, logs = context["x"].new_zeros(()), {}
-        if s.gan:
+        if s.gan_generator_weight > 0:
             gan = dmd.gan_generator_loss(dmd.gan_logits(self.fake.logits, context["x"], self.schedule,
                                                         s.gan_timesteps, rng))
             logs["gan_generator_loss"] = gan.detach()
             loss = loss + s.gan_generator_weight * gan
+        if "first_step" in context:
+            first_input, first_sigma, first_x0 = context["first_step"]
+            first = followups.first_step_target_loss(first_x0, self.real, first_input, first_sigma)
+            logs["first_step_loss"] = first.detach()
+            loss = loss + first
         if self.regression is not None:
             reg, reg_logs = self.regression.loss("generator", self.regression.prepare(0, ["generator"], rng), rng)
             logs.update(reg_logs)
@@ -212,26 +260,101 @@ class DMD2Objective:
         return loss, logs
 
 
+class GuidedDMDObjective:
+    """Decoupled DMD (:func:`dmd2lab.followups.decoupled_dm_gradient`) for a class-conditional one-step generator
+    G(z, c) and a classifier-free-guided teacher: the generator descends the distribution-matching term, the CFG
+    augmentation term, or both (= DMD with a guided real score, as DMD2 distils SDXL with guidance 8).
+
+    ``real(x_t, sigma, labels)`` is the teacher (labels None: unconditional); ``fake(x_t, sigma, labels)`` the fake
+    score: a module (then a critic player fits it to the generator's samples, as in DMD2) or a fixed callable such
+    as the toy's exact :class:`dmd2lab.toy2d.ClassOracleFakeDenoiser`. ``sample_latents(n, rng)`` -> (z, labels).
+    ``ca_timesteps``: re-noise the CA term at its own t range (Decoupled DMD's separate schedules); None = the DM
+    term's draw, which makes both terms together exactly DMD's gradient with the guided teacher."""
+
+    def __init__(self, generator: nn.Module, fake: Callable, real: Callable, schedule: NoiseSchedule,
+                 sample_latents: Callable[[int, torch.Generator], tuple[Tensor, Tensor]], guidance: float,
+                 distribution_matching: bool = True, cfg_augmentation: bool = True, batch_size: int = 256,
+                 dm_timesteps: tuple[int, int] | None = None, ca_timesteps: tuple[int, int] | None = None,
+                 critic_weighting: str = "edm", sigma_data: float = 0.5):
+        if not (distribution_matching or cfg_augmentation):
+            raise ValueError("the generator has no loss: switch on distribution_matching, cfg_augmentation or both")
+        if not guidance >= 1:
+            raise ValueError(f"guidance must be >= 1 (1 = no guidance, where the CA term is 0); got {guidance}")
+        if ca_timesteps is not None and not (distribution_matching and cfg_augmentation):
+            raise ValueError("ca_timesteps gives the CA term its own schedule beside the DM term's; with one term "
+                             "on, set that term's range with dm_timesteps")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.generator, self.fake, self.real, self.schedule = generator, fake, real, schedule
+        self.sample_latents, self.guidance, self.batch_size = sample_latents, guidance, batch_size
+        self.terms = {"distribution_matching": distribution_matching, "cfg_augmentation": cfg_augmentation}
+        self.dm_timesteps, self.ca_timesteps = dm_timesteps, ca_timesteps
+        self.critic_weighting, self.sigma_data = critic_weighting, sigma_data
+
+    def players(self, lr_generator: float, lr_critic: float, ratio: int = 5, **kwargs) -> dict[str, Player]:
+        """As :meth:`DMD2Objective.players`: the critic (when ``fake`` is a module) every step, the generator every
+        ``ratio`` steps."""
+        ema = kwargs.pop("ema_decay", None)
+        players = {"generator": Player(self.generator, lr_generator, every=ratio, ema_decay=ema, **kwargs)}
+        if isinstance(self.fake, nn.Module):
+            players["critic"] = Player(self.fake, lr_critic, every=1, **kwargs)
+        return players
+
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
+        z, labels = self.sample_latents(self.batch_size, rng)
+        with torch.set_grad_enabled("generator" in updating):
+            return {"x": self.generator(z, labels), "labels": labels}
+
+    def _gradient(self, x: Tensor, labels: Tensor, timesteps, rng: torch.Generator, **terms) -> Tensor:
+        low, high = timesteps if timesteps is not None else dmd.dm_timesteps(self.schedule)
+        sigma = self.schedule.sigma(self.schedule.sample_timesteps(x.shape[0], low, high, rng, device=x.device))
+        with torch.no_grad():
+            x_t = add_noise(x.detach(), sigma, torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype))
+            cond, uncond = self.real(x_t, sigma, labels), self.real(x_t, sigma, None)
+            fake = self.fake(x_t, sigma, labels) if terms.get("distribution_matching", True) else cond
+        return followups.decoupled_dm_gradient(x, fake, cond, uncond, self.guidance, **terms)
+
+    def loss(self, name: str, context: dict, rng: torch.Generator):
+        x, labels = context["x"], context["labels"]
+        if name == "critic":
+            loss, logs = dmd.fake_score_loss(lambda x_t, sigma: self.fake(x_t, sigma, labels), x, self.schedule,
+                                             self.critic_weighting, self.sigma_data, None, rng)
+            return loss, logs
+        if self.ca_timesteps is None:
+            grad = self._gradient(x, labels, self.dm_timesteps, rng, **self.terms)
+        else:
+            grad = (self._gradient(x, labels, self.dm_timesteps, rng, cfg_augmentation=False)
+                    + self._gradient(x, labels, self.ca_timesteps, rng, distribution_matching=False))
+        loss = dmd.gradient_loss(x, grad)
+        return loss, {"guided_dm_loss": loss.detach()}
+
+
 class RegressionObjective:
     """DMD1's regression loss alone (DMD eq. 9) on teacher ODE pairs (z, y): the warm start DMD2 gives its
     one-step SDXL generator before distribution matching, and a cheap way to start any one-step student near the
-    teacher. ``distance`` is per-sample, shape (batch,) (DMD: LPIPS on images)."""
+    teacher. ``distance`` is per-sample, shape (batch,) (DMD: LPIPS on images). ``labels`` (one per pair) make it
+    a class-conditional generator's warm start, G(z, label)."""
 
     def __init__(self, generator: nn.Module, pairs: tuple[Tensor, Tensor], batch_size: int = 256,
-                 distance: Callable[[Tensor, Tensor], Tensor] = dmd.mean_squared_distance):
+                 distance: Callable[[Tensor, Tensor], Tensor] = dmd.mean_squared_distance,
+                 labels: Tensor | None = None):
         z, y = pairs
         if z.shape[0] != y.shape[0] or z.shape[0] < 1:
             raise ValueError(f"pairs must be (noise, teacher samples) with one non-zero length; got {z.shape[0]} "
                              f"and {y.shape[0]}")
+        if labels is not None and labels.shape != (z.shape[0],):
+            raise ValueError(f"labels must give one class per pair, shape ({z.shape[0]},); got {tuple(labels.shape)}")
         self.generator, self.pairs, self.batch_size, self.distance = generator, pairs, batch_size, distance
+        self.labels = labels
 
     def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
         z, y = self.pairs
         pick = torch.randint(0, z.shape[0], (self.batch_size,), generator=rng, device=rng.device).to(z.device)
-        return {"z": z[pick], "y": y[pick]}
+        inputs = (z[pick],) if self.labels is None else (z[pick], self.labels[pick])
+        return {"inputs": inputs, "y": y[pick]}
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
-        loss = dmd.regression_loss(self.generator(context["z"]), context["y"], self.distance)
+        loss = dmd.regression_loss(self.generator(*context["inputs"]), context["y"], self.distance)
         return loss, {"regression_loss": loss.detach()}
 
 

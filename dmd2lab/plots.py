@@ -85,3 +85,19 @@ def plot_mode_mass(masses: dict[str, Tensor], weights: Tensor, ax=None, title: s
     ax.set(xlabel="mode", ylabel="mass", title=title, xticks=range(k))
     ax.legend(fontsize=8, ncol=2)
     return ax
+
+
+def plot_ratio_agreement(agreement: dict, ax=None, title: str = "discriminator vs exact log density ratio"):
+    """Scatter of a discriminator's logit against the exact log p_t / q_t, one colour per noise level (the output of
+    :func:`dmd2lab.toy_experiments.density_ratio_agreement`), over the line of perfect agreement."""
+    ax = _axes(ax)
+    low, high = 0.0, 0.0
+    for sigma, row in agreement.items():
+        exact, estimate = row["exact"].clamp(-20, 20), row["estimate"].clamp(-20, 20)
+        ax.scatter(exact, estimate, s=3, alpha=0.4, label=f"sigma {sigma:g}: r = {row['correlation']:.2f}")
+        low, high = min(low, exact.min().item(), estimate.min().item()), max(high, exact.max().item(),
+                                                                           estimate.max().item())
+    ax.plot([low, high], [low, high], color="black", lw=0.8)
+    ax.set(xlabel="exact log p_t/q_t (clipped to +-20)", ylabel="discriminator logit", title=title)
+    ax.legend(markerscale=4, fontsize=8)
+    return ax

@@ -99,6 +99,84 @@ class GaussianMixture:
         return GaussianMixture(self.means, self.stds + extra_std, self.weights)
 
 
+class ClassConditionalMixture:
+    """A labelled mixture: p(c, k) = ``joint[c, k]`` over classes c and components k of one set of Gaussians, so
+    p(x | c), p(x) and p(c | x) are all exact at every noise level. The exact conditional and unconditional
+    denoisers make a classifier-free-guided teacher with no training (Decoupled DMD's setting on the toy)."""
+
+    def __init__(self, means: Tensor, stds: Tensor | float, joint: Tensor):
+        joint = torch.as_tensor(joint, dtype=torch.float64)
+        if joint.ndim != 2 or joint.shape[1] != torch.as_tensor(means).shape[0] or torch.any(joint < 0):
+            raise ValueError(f"joint must be a (classes, components) table of weights >= 0 with one column per "
+                             f"mean; got shape {tuple(joint.shape)} for {torch.as_tensor(means).shape[0]} means")
+        if torch.any(joint.sum(1) <= 0):
+            raise ValueError("every class needs some weight in joint (a row of zeros is a class with no data)")
+        self.joint = joint / joint.sum()
+        self.marginal = GaussianMixture(means, stds, self.joint.sum(0))
+        self.classes = [GaussianMixture(means, stds, row) for row in self.joint]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def prior(self) -> Tensor:
+        return self.joint.sum(1)
+
+    def denoise(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
+        """E[x0 | x_sigma, c] for each row's label; ``labels=None`` gives the unconditional E[x0 | x_sigma]."""
+        if labels is None:
+            return self.marginal.denoise(x, sigma)
+        sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
+        out = torch.empty_like(x)
+        for c in labels.unique().tolist():
+            rows = labels == c
+            out[rows] = self.classes[c].denoise(x[rows], sigma[rows])
+        return out
+
+    def class_posterior(self, x: Tensor, labels: Tensor, sigma=0.0) -> Tensor:
+        """p(c | x_sigma) of each row's own label c: how recognisably a sample belongs to its class."""
+        sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
+        log_joint = torch.stack([self.prior[c].log().to(x) + m.log_prob(x, sigma) for c, m in enumerate(self.classes)], 1)
+        return torch.softmax(log_joint, 1).gather(1, labels[:, None].long()).squeeze(1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """n exact (x, label) pairs."""
+        labels = torch.multinomial(self.prior, n, replacement=True, generator=generator)
+        x = torch.empty(n, self.marginal.dim, dtype=dtype)
+        for c in labels.unique().tolist():
+            rows = labels == c
+            x[rows] = self.classes[c].sample(int(rows.sum()), generator, dtype)
+        return x, labels
+
+    def guided(self, label: int, guidance: float) -> GaussianMixture:
+        """The target of classifier-free guidance at scale w for one class, p(x | c)^w p(x)^(1 - w) normalised: on
+        well-separated components each keeps its shape and its mass becomes proportional to
+        p(k | c)^w p(k)^(1 - w) (exact as the overlap between components vanishes)."""
+        own, marginal = self.joint[label] / self.joint[label].sum(), self.joint.sum(0)
+        keep = own > 0
+        log_mass = torch.full_like(own, -math.inf)
+        log_mass[keep] = guidance * own[keep].log() + (1 - guidance) * marginal[keep].log()
+        return GaussianMixture(self.marginal.means, self.marginal.stds, torch.softmax(log_mass, 0))
+
+
+def labelled(data: GaussianMixture, owners: Tensor, purity: float) -> ClassConditionalMixture:
+    """Labels for a mixture: a sample of component k carries the label ``owners[k]`` with probability ``purity``
+    and another label otherwise (the rest shared equally), so p(c | k) is ``purity`` on a class's own components
+    and the labelled data's marginal is ``data`` itself. A class whose own components are light then draws much of
+    its mass from the others' heavy ones: exactly where classifier-free guidance changes the picture."""
+    owners = torch.as_tensor(owners)
+    if owners.shape != (data.num_components,) or owners.min() < 0:
+        raise ValueError(f"owners must give a class index >= 0 for each of the {data.num_components} components")
+    if not 0 < purity < 1:
+        raise ValueError(f"purity must lie strictly between 0 and 1 (a share of each class's mass); got {purity}")
+    num_classes = int(owners.max()) + 1
+    own = torch.nn.functional.one_hot(owners.long(), num_classes).T.double()
+    share = own * purity + (1 - own) * (1 - purity) / max(num_classes - 1, 1)
+    # Columns of share sum to 1 (purity + (1 - purity)), so the joint's marginal over classes is data.weights.
+    return ClassConditionalMixture(data.means, data.stds, share * data.weights.double()[None])
+
+
 def ring(modes: int = 8, radius: float = 2.0, std: float = 0.1, weights=None) -> GaussianMixture:
     """``modes`` equal Gaussians evenly spaced on a circle."""
     angle = torch.arange(modes, dtype=torch.float64) * 2 * math.pi / modes
@@ -149,14 +227,21 @@ def _mlp(inputs: int, hidden: int, depth: int, outputs: int, activation: type[nn
 
 
 class MLPGenerator(nn.Module):
-    """A one-step generator z -> x. ReLU: on the toy a SiLU generator stalled far from the modes."""
+    """A one-step generator z -> x, or (z, label) -> x with ``num_classes`` > 0 (the label one-hot beside z).
+    ReLU: on the toy a SiLU generator stalled far from the modes."""
 
-    def __init__(self, noise_dim: int = 2, data_dim: int = 2, hidden: int = 128, depth: int = 3):
+    def __init__(self, noise_dim: int = 2, data_dim: int = 2, hidden: int = 128, depth: int = 3,
+                 num_classes: int = 0):
         super().__init__()
-        self.noise_dim = noise_dim
-        self.net = _mlp(noise_dim, hidden, depth, data_dim, nn.ReLU)
+        self.noise_dim, self.num_classes = noise_dim, num_classes
+        self.net = _mlp(noise_dim + num_classes, hidden, depth, data_dim, nn.ReLU)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError(f"this generator takes {'labels' if self.num_classes else 'no labels'}: built with "
+                             f"num_classes={self.num_classes}, called with labels={'None' if labels is None else '...'}")
+        if labels is not None:
+            z = torch.cat([z, F.one_hot(labels.long(), self.num_classes).to(z.dtype)], 1)
         return self.net(z)
 
 
@@ -220,3 +305,35 @@ class OracleFakeDenoiser:
         with torch.no_grad():
             reference = GaussianMixture(self.sample(self.num_samples).detach().to(x.dtype), 0.0)
             return reference.denoise(x, sigma)
+
+
+class OracleLogDensityRatio:
+    """The exact log density ratio log p_t(x) / q_t(x) between the data's noised density p_t and the generator's,
+    q_t = (1/N) sum_i N(x_i, sigma^2 I) over a fresh sample of N generator outputs at every call: the weight
+    f-distill needs, which a discriminator's logit can only estimate."""
+
+    def __init__(self, data: GaussianMixture, sample: Callable[[int], Tensor], num_samples: int = 2048):
+        self.data, self.sample, self.num_samples = data, sample, num_samples
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        with torch.no_grad():
+            reference = GaussianMixture(self.sample(self.num_samples).detach().to(x.dtype), 0.0)
+            return self.data.log_prob(x, sigma) - reference.log_prob(x, sigma)
+
+
+class ClassOracleFakeDenoiser:
+    """:class:`OracleFakeDenoiser` for a class-conditional generator: each row is denoised under the noised density
+    of fresh generator samples of its own label (``sample(n, label)``, ``num_samples`` a class)."""
+
+    def __init__(self, sample: Callable[[int, int], Tensor], num_samples: int = 1024):
+        self.sample, self.num_samples = sample, num_samples
+
+    def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+        sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
+        out = torch.empty_like(x)
+        with torch.no_grad():
+            for c in labels.unique().tolist():
+                rows = labels == c
+                reference = GaussianMixture(self.sample(self.num_samples, c).detach().to(x.dtype), 0.0)
+                out[rows] = reference.denoise(x[rows], sigma[rows])
+        return out

@@ -16,8 +16,10 @@ from torch import Tensor, nn
 from . import dmd, toy_metrics
 from .diffusion import Denoiser, NoiseSchedule, edm_sampler
 from .dmd import GANHead
-from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings, RegressionObjective
-from .toy2d import GaussianMixture, MLPDenoiser, MLPGenerator, OracleFakeDenoiser
+from .objective import (CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings, GuidedDMDObjective,
+                        RegressionObjective)
+from .toy2d import (ClassConditionalMixture, ClassOracleFakeDenoiser, GaussianMixture, MLPDenoiser, MLPGenerator,
+                    OracleFakeDenoiser, OracleLogDensityRatio)
 from .train import Player, TrainConfig, Trainer
 
 TEACHER_SIGMAS = (0.005, 40.0)
@@ -75,15 +77,37 @@ def student_sigmas(timesteps=STUDENT_TIMESTEPS) -> tuple[float, ...]:
 
 
 def regression_warm_start(pairs: tuple[Tensor, Tensor], steps: int = 1000, lr: float = 1e-3, batch_size: int = 256,
-                          seed: int = 0) -> MLPGenerator:
+                          seed: int = 0, labels: Tensor | None = None, num_classes: int | None = None) -> MLPGenerator:
     """A one-step MLP generator fitted to teacher ODE pairs by DMD1's regression loss alone: a student that starts
-    where the teacher's sampler is, as DMD2 starts its one-step SDXL generator."""
+    where the teacher's sampler is, as DMD2 starts its one-step SDXL generator. ``labels`` (one per pair, e.g. from
+    :func:`class_teacher_pairs`) make it class-conditional over ``num_classes`` (default: the largest label + 1)."""
     torch.manual_seed(seed)
-    generator = MLPGenerator(noise_dim=pairs[0].shape[1], data_dim=pairs[1].shape[1])
+    if labels is None and num_classes:
+        raise ValueError("num_classes is for a class-conditional warm start: pass labels too")
+    if labels is not None:
+        num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+        if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+            raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {int(labels.min())}..{int(labels.max())}")
+    num_classes = num_classes or 0
+    generator = MLPGenerator(noise_dim=pairs[0].shape[1], data_dim=pairs[1].shape[1], num_classes=num_classes)
     players = {"generator": Player(generator, lr, weight_decay=0.0)}
-    Trainer(RegressionObjective(generator, pairs, batch_size), players,
+    Trainer(RegressionObjective(generator, pairs, batch_size, labels=labels), players,
             TrainConfig(steps, seed=seed, log_every=max(steps // 20, 1))).fit()
     return generator
+
+
+def class_teacher_pairs(data: ClassConditionalMixture, n: int, steps: int = 100,
+                        seed: int = 0) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """((z, y), labels): labels drawn from the class prior and the EXACT conditional teacher's deterministic ODE
+    sample y from each noise z (EDM Heun over TEACHER_SIGMAS, no guidance): a labelled warm start's pairs."""
+    rng = torch.Generator().manual_seed(seed)
+    labels = torch.multinomial(data.prior, n, replacement=True, generator=rng)
+    noise = torch.randn(n, data.marginal.dim, generator=rng)
+    y = torch.empty_like(noise)
+    for c in labels.unique().tolist():
+        rows = labels == c
+        y[rows] = edm_sampler(data.classes[c].denoise, noise[rows].double(), steps, *TEACHER_SIGMAS).float()
+    return (noise, y), labels
 
 
 def _run_multistep(student: Denoiser, sigmas: tuple[float, ...], n: int, seed: int,
@@ -134,7 +158,8 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
             regression_weight: float = 0.0, dm_weight: float = 1.0, gan_weights: tuple[float, float] = (0.0, 0.0),
             head_features: str = "critic", real_data: Tensor | None = None,
             student_sigmas: tuple[float, ...] | None = None, backward_simulation: bool = True,
-            initial_generator: nn.Module | None = None,
+            initial_generator: nn.Module | None = None, divergence: str = "reverse_kl",
+            density_ratio: str = "exact", first_step_target_prediction: bool = False,
             evaluate: Callable[[Trainer], dict[str, float]] | None = None, eval_every: int = 0,
             out_dir: str | Path | None = None) -> Distillation:
     """Distil ``teacher`` into a toy student with DMD2 (DM loss; no regression loss unless asked).
@@ -153,15 +178,27 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
     ``real_data`` noised to its levels; the last 4 batches of inputs of each step are kept
     (``objective.recent_inputs``) to measure the training-inference mismatch. ``initial_generator``: a one-step generator to start from (copied, e.g.
     :func:`regression_warm_start`) instead of a fresh one.
+
+    Follow-ups (:mod:`dmd2lab.followups`): ``divergence`` — f-distill's f-divergence for a one-step generator, its
+    density ratio ``"exact"`` (the data's noised density over that of ``oracle_samples`` fresh generator samples) or
+    ``"discriminator"`` (the GAN head's logit; ``gan_weights`` = (0, d) trains the head without a generator GAN
+    loss); ``first_step_target_prediction`` — DP-DMD for a multi-step student.
     """
     if critic not in ("learned", "oracle"):
         raise ValueError(f"critic must be 'learned' or 'oracle'; got {critic!r}")
     if head_features not in ("critic", "teacher"):
         raise ValueError(f"head_features must be 'critic' or 'teacher'; got {head_features!r}")
+    if density_ratio not in ("exact", "discriminator"):
+        raise ValueError(f"density_ratio must be 'exact' or 'discriminator'; got {density_ratio!r}")
     gan = any(w > 0 for w in gan_weights)
-    if gan and not all(w > 0 for w in gan_weights):
-        raise ValueError(f"gan_weights = (generator, discriminator) must both be > 0 to train a GAN, or both 0; "
-                         f"got {gan_weights}")
+    ratio_from_head = divergence != "reverse_kl" and density_ratio == "discriminator"
+    if gan and not (gan_weights[1] > 0 and (gan_weights[0] > 0 or ratio_from_head)):
+        raise ValueError(f"gan_weights = (generator, discriminator) must both be > 0 to train a GAN, or both 0 "
+                         f"((0, d) trains only the discriminator, for density_ratio='discriminator'); got {gan_weights}")
+    if ratio_from_head and not gan:
+        raise ValueError("density_ratio='discriminator' reads the GAN head: set gan_weights = (0, d) or (g, d)")
+    if divergence != "reverse_kl" and student_sigmas is not None:
+        raise ValueError("the f-divergence weights are for a one-step generator here; drop student_sigmas")
     if real_data is None and (gan or (student_sigmas is not None and not backward_simulation)):
         raise ValueError("real_data (a tensor of data samples) is needed by the GAN and by a multi-step student "
                          "trained without backward simulation")
@@ -200,10 +237,15 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
     settings = DMD2Settings(batch_size=batch_size, dm_timesteps=(0, 999), sigma_data=sigma_data,
                             dm_weight=dm_weight, regression_weight=regression_weight,
                             gan_generator_weight=gan_weights[0], gan_discriminator_weight=gan_weights[1],
-                            student_sigmas=student_sigmas, backward_simulation=backward_simulation)
+                            student_sigmas=student_sigmas, backward_simulation=backward_simulation,
+                            divergence=divergence, first_step_target_prediction=first_step_target_prediction)
+    log_ratio = None
+    if divergence != "reverse_kl" and density_ratio == "exact":
+        log_ratio = OracleLogDensityRatio(data, lambda n: generator(torch.randn(n, generator.noise_dim)),
+                                          oracle_samples)
     objective = DMD2Objective(generator, fake, teacher, NoiseSchedule.geometric(1000, *DISTILL_SIGMAS),
                               sample_latents, settings, regression_pairs, sample_real,
-                              keep_inputs=4 if student_sigmas is not None else 0)
+                              keep_inputs=4 if student_sigmas is not None else 0, log_density_ratio=log_ratio)
     players = objective.players(lr_generator, lr_critic, ratio, ema_decay=ema_decay, weight_decay=0.0,
                                 warmup_steps=warmup_steps)
     steps = generator_steps * ratio
@@ -215,15 +257,81 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
                         time.perf_counter() - started)
 
 
+@dataclass
+class GuidedDistillation:
+    generator: MLPGenerator
+    """(z, label) -> x in one call (its EMA copy when EMA is on)."""
+    trainer: Trainer
+    objective: GuidedDMDObjective
+    wall_s: float
+
+    def sample(self, n: int, label: int, seed: int = 0) -> Tensor:
+        """n samples of one class."""
+        return sample_labelled(self.generator, n, label, seed)
+
+
+def sample_labelled(generator: MLPGenerator, n: int, label: int, seed: int = 0) -> Tensor:
+    """n samples of one class from a class-conditional one-step generator, from seeded noise."""
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return generator(torch.randn(n, generator.noise_dim, generator=rng), torch.full((n,), label, dtype=torch.long))
+
+
+def distill_guided(data: ClassConditionalMixture, guidance: float, distribution_matching: bool = True,
+                   cfg_augmentation: bool = True, generator_steps: int = 400, lr: float = 1e-3,
+                   batch_size: int = 256, ema_decay: float | None = 0.99, seed: int = 0, oracle_samples: int = 512,
+                   ca_timesteps: tuple[int, int] | None = None,
+                   initial_generator: MLPGenerator | None = None) -> GuidedDistillation:
+    """Decoupled DMD on the exact labelled toy: a class-conditional one-step generator distilled from the exact
+    classifier-free-guided teacher (the data's own conditional and unconditional denoisers), with the exact fake
+    score (:class:`dmd2lab.toy2d.ClassOracleFakeDenoiser`), so what differs between runs is only which of the two
+    terms of :func:`dmd2lab.followups.decoupled_dm_gradient` the generator follows. ``initial_generator``: a
+    labelled generator to start from (copied; e.g. :func:`regression_warm_start` on :func:`class_teacher_pairs`)."""
+    torch.manual_seed(seed)
+    generator = (MLPGenerator(data_dim=data.marginal.dim, num_classes=data.num_classes)
+                 if initial_generator is None else copy.deepcopy(initial_generator))
+    fake = ClassOracleFakeDenoiser(
+        lambda n, c: generator(torch.randn(n, generator.noise_dim), torch.full((n,), c, dtype=torch.long)),
+        oracle_samples)
+    prior = data.prior
+
+    def sample_latents(n, rng):
+        return (torch.randn(n, generator.noise_dim, generator=rng),
+                torch.multinomial(prior, n, replacement=True, generator=rng))
+
+    objective = GuidedDMDObjective(generator, fake, data.denoise, NoiseSchedule.geometric(1000, *DISTILL_SIGMAS),
+                                   sample_latents, guidance, distribution_matching, cfg_augmentation, batch_size,
+                                   dm_timesteps=(0, 999), ca_timesteps=ca_timesteps)
+    players = objective.players(lr, lr, ratio=1, ema_decay=ema_decay, weight_decay=0.0)
+    trainer = Trainer(objective, players, TrainConfig(generator_steps, seed=seed,
+                                                      log_every=max(generator_steps // 50, 1)))
+    started = time.perf_counter()
+    trainer.fit()
+    return GuidedDistillation(trainer.module("generator"), trainer, objective, time.perf_counter() - started)
+
+
+def evaluate_guided(samples: Tensor, label: int, data: ClassConditionalMixture, guidance: float) -> dict[str, float]:
+    """One class's samples scored exactly: ``own_share``, the share of its on-mode samples that sit on the class's
+    own components (those where its label is the likeliest; guidance raises it), the mass error ``mass_tv`` against
+    CFG's target at scale ``guidance`` (:meth:`ClassConditionalMixture.guided`), the ``outlier_fraction`` (samples
+    near no mode: artefacts), and the NLL under the class's own unguided density."""
+    modes = toy_metrics.mode_statistics(samples, data.guided(label, guidance))
+    own = data.joint.argmax(0) == label
+    on_modes = modes["mass"].sum()
+    return {"own_share": (modes["mass"][own].sum() / on_modes).item() if on_modes > 0 else 0.0,
+            "mass_tv": modes["mass_tv"], "outlier_fraction": modes["outlier_fraction"],
+            "nll": toy_metrics.negative_log_likelihood(samples, data.classes[label])}
+
+
 def evaluate_samples(samples: Tensor, data: GaussianMixture) -> dict[str, float]:
-    """The exact metrics of :mod:`dmd2lab.toy_metrics` as one flat dict of finite numbers (``spread_ratio`` only
-    when some sample lies near a mode)."""
+    """The exact metrics of :mod:`dmd2lab.toy_metrics` as one flat dict of finite numbers (``spread_ratio`` and
+    ``allocation_tv`` only when some sample lies near a mode)."""
     modes = toy_metrics.mode_statistics(samples, data)
     return {"nll": toy_metrics.negative_log_likelihood(samples, data), "mmd": toy_metrics.mmd(samples, data),
             "modes_covered": modes["modes_covered"], "weakest_mode_share": modes["weakest_mode_share"],
             "mass_tv": modes["mass_tv"], "outlier_fraction": modes["outlier_fraction"],
             # Undefined (NaN) when no sample lies near any mode: left out, so every value is a number.
-            **({"spread_ratio": modes["spread_ratio"]} if math.isfinite(modes["spread_ratio"]) else {})}
+            **{k: modes[k] for k in ("spread_ratio", "allocation_tv") if math.isfinite(modes[k])}}
 
 
 def critic_tracking(teacher: Denoiser, num_reference: int = 2048, num_points: int = 256,
@@ -262,3 +370,31 @@ def loss_gradient_norms(run: Distillation, n: int = 1024, seed: int = 0) -> dict
     # Both losses are means over the batch: n * d(loss)/dx_i is sample i's own gradient.
     return {name: (n * torch.autograd.grad(loss, x)[0]).norm(dim=1).mean().item()
             for name, loss in (("dm", dm), ("gan", gan))}
+
+
+def density_ratio_agreement(run: Distillation, data: GaussianMixture, sigmas=(0.1, 0.3, 1.0, 3.0), n: int = 1024,
+                            reference: int = 4096, seed: int = 0) -> dict[float, dict[str, Tensor | float]]:
+    """How well a run's discriminator estimates the density ratio f-distill weighs by: at each noise level, the GAN
+    head's logit against the EXACT log p_t / q_t (the data's noised density over that of ``reference`` fresh
+    generator samples) at ``n`` points, half noised data and half noised generator samples (what the discriminator
+    is trained on). Per sigma: the points' ``exact`` and ``estimate`` (tensors), their Pearson ``correlation`` and
+    the ``rmse`` of the estimate."""
+    if not isinstance(run.objective.fake, CriticWithHead):
+        raise ValueError("density_ratio_agreement reads the GAN head: distil with gan_weights")
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # The generator the discriminator was trained against: the raw one, not its EMA copy.
+        generator = run.trainer.players["generator"].module
+        generated = generator(torch.randn(reference + n // 2, generator.noise_dim, generator=rng))
+        q = GaussianMixture(generated[:reference].double(), 0.0)
+        clean = torch.cat([data.sample(n - n // 2, rng), generated[reference:]])
+        out = {}
+        for s in sigmas:
+            x_t = clean + s * torch.randn(clean.shape, generator=rng)
+            sigma = torch.full((n,), float(s))
+            exact = (data.log_prob(x_t.double(), float(s)) - q.log_prob(x_t.double(), float(s))).float()
+            estimate = run.objective.fake.logits(x_t, sigma).reshape(n)
+            out[float(s)] = {"exact": exact, "estimate": estimate,
+                             "correlation": torch.corrcoef(torch.stack([exact, estimate]))[0, 1].item(),
+                             "rmse": (estimate - exact).pow(2).mean().sqrt().item()}
+    return out
