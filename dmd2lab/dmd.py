@@ -50,9 +50,14 @@ def distribution_matching_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) 
         raise ValueError(f"x, real_x0 and fake_x0 must have one shape; got {tuple(x.shape)}, "
                          f"{tuple(real_x0.shape)}, {tuple(fake_x0.shape)}")
     x, real_x0, fake_x0 = x.detach().double(), real_x0.detach().double(), fake_x0.detach().double()
-    normaliser = append_dims(_per_sample_mean((x - real_x0).abs()), x.ndim)
-    grad = (fake_x0 - real_x0) / normaliser
+    grad = (fake_x0 - real_x0) / dm_normaliser(x, real_x0)
     return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dm_normaliser(x: Tensor, real_x0: Tensor) -> Tensor:
+    """DMD's per-sample gradient normaliser 1 / w_t = mean_{C,H,W} |x - mu_real(x_t)| (DMD eq. 8), shaped to
+    broadcast against x."""
+    return append_dims(_per_sample_mean((x - real_x0).abs()), x.ndim)
 
 
 def distribution_matching_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dmd
-from .diffusion import Denoiser, append_dims
+from .diffusion import Denoiser
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "jensen_shannon")
 """The f-divergences :func:`f_divergence_weights` knows: reverse KL (f = -log r; DMD itself), forward KL
@@ -83,7 +83,7 @@ def decoupled_dm_gradient(x: Tensor, fake_x0: Tensor, cond_x0: Tensor, uncond_x0
         raise ValueError(f"x, fake_x0, cond_x0 and uncond_x0 must have one shape; got {tuple(x.shape)}, "
                          f"{tuple(fake_x0.shape)}, {tuple(cond_x0.shape)}, {tuple(uncond_x0.shape)}")
     x, fake, cond, uncond = (v.detach().double() for v in (x, fake_x0, cond_x0, uncond_x0))
-    normaliser = append_dims((x - guided_x0(cond, uncond, guidance)).abs().flatten(1).mean(1), x.ndim)
+    normaliser = dmd.dm_normaliser(x, guided_x0(cond, uncond, guidance))
     grad = torch.zeros_like(x)
     if distribution_matching:
         grad = grad + (fake - cond)

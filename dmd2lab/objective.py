@@ -80,6 +80,12 @@ class DMD2Settings:
             if not sigmas or not all(s > 0 for s in sigmas) or not all(a > b for a, b in zip(sigmas, sigmas[1:])):
                 raise ValueError(f"student_sigmas must be positive and strictly decreasing; got {self.student_sigmas}")
             self.student_sigmas = sigmas
+        if ratio_reader and self.gan_timesteps is not None and (
+                self.dm_timesteps is None or not (self.gan_timesteps[0] <= self.dm_timesteps[0]
+                                                  and self.dm_timesteps[1] <= self.gan_timesteps[1])):
+            raise ValueError("the f-divergence reads the discriminator's ratio wherever the DM loss samples t, so the "
+                             f"head must be trained there too: gan_timesteps {self.gan_timesteps} must contain "
+                             f"dm_timesteps {self.dm_timesteps} (or leave gan_timesteps None: the whole table)")
         if self.first_step_target_prediction and (self.student_sigmas is None or len(self.student_sigmas) < 2):
             raise ValueError("first_step_target_prediction (DP-DMD) trains the first of several student steps; "
                              "set student_sigmas to at least two noise levels")
@@ -87,6 +93,19 @@ class DMD2Settings:
     @property
     def gan(self) -> bool:
         return self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0
+
+
+def ttur_players(generator: nn.Module, fake: Callable, lr_generator: float, lr_critic: float, ratio: int,
+                 **kwargs) -> dict[str, Player]:
+    """DMD2's two time-scale update rule as players: the generator every ``ratio`` steps, the critic (when ``fake``
+    is a module; a fixed fake score has none) every step. ``kwargs`` go to both, except ``ema_decay`` (generator)."""
+    if not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"TTUR ratio must be an integer >= 1 (critic updates per generator update); got {ratio!r}")
+    ema = kwargs.pop("ema_decay", None)
+    players = {"generator": Player(generator, lr_generator, every=ratio, ema_decay=ema, **kwargs)}
+    if isinstance(fake, nn.Module):
+        players["critic"] = Player(fake, lr_critic, every=1, **kwargs)
+    return players
 
 
 class CriticWithHead(nn.Module):
@@ -128,7 +147,8 @@ class DMD2Objective:
     the GAN head's logit, the optimal discriminator's estimate of that log ratio).
     ``recent_inputs`` keeps the last ``keep_inputs`` batches of student inputs per step (multi-step students; 0 =
     none, the default) on the CPU, so the inputs seen in training can be compared with those met at inference; a
-    diagnostic, not checkpointed.
+    diagnostic, not checkpointed (with ``first_step_target_prediction`` the DM loss never draws step 0, so it has
+    no key 0).
     """
 
     def __init__(self, generator: nn.Module, fake: Denoiser, real: Denoiser, schedule: NoiseSchedule,
@@ -173,14 +193,7 @@ class DMD2Objective:
     def players(self, lr_generator: float, lr_critic: float, ratio: int = 5, **kwargs) -> dict[str, Player]:
         """Generator every ``ratio`` steps, critic every step (TTUR); ``kwargs`` go to both Players, except
         ``ema_decay`` which only the generator gets."""
-        if not isinstance(ratio, int) or ratio < 1:
-            raise ValueError(f"TTUR ratio must be an integer >= 1 (critic updates per generator update); got "
-                             f"{ratio!r}")
-        ema = kwargs.pop("ema_decay", None)
-        players = {"generator": Player(self.generator, lr_generator, every=ratio, ema_decay=ema, **kwargs)}
-        if isinstance(self.fake, nn.Module):
-            players["critic"] = Player(self.fake, lr_critic, every=1, **kwargs)
-        return players
+        return ttur_players(self.generator, self.fake, lr_generator, lr_critic, ratio, **kwargs)
 
     def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
         s = self.settings
@@ -294,11 +307,7 @@ class GuidedDMDObjective:
     def players(self, lr_generator: float, lr_critic: float, ratio: int = 5, **kwargs) -> dict[str, Player]:
         """As :meth:`DMD2Objective.players`: the critic (when ``fake`` is a module) every step, the generator every
         ``ratio`` steps."""
-        ema = kwargs.pop("ema_decay", None)
-        players = {"generator": Player(self.generator, lr_generator, every=ratio, ema_decay=ema, **kwargs)}
-        if isinstance(self.fake, nn.Module):
-            players["critic"] = Player(self.fake, lr_critic, every=1, **kwargs)
-        return players
+        return ttur_players(self.generator, self.fake, lr_generator, lr_critic, ratio, **kwargs)
 
     def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
         z, labels = self.sample_latents(self.batch_size, rng)

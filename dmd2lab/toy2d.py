@@ -134,12 +134,6 @@ class ClassConditionalMixture:
             out[rows] = self.classes[c].denoise(x[rows], sigma[rows])
         return out
 
-    def class_posterior(self, x: Tensor, labels: Tensor, sigma=0.0) -> Tensor:
-        """p(c | x_sigma) of each row's own label c: how recognisably a sample belongs to its class."""
-        sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
-        log_joint = torch.stack([self.prior[c].log().to(x) + m.log_prob(x, sigma) for c, m in enumerate(self.classes)], 1)
-        return torch.softmax(log_joint, 1).gather(1, labels[:, None].long()).squeeze(1)
-
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
         """n exact (x, label) pairs."""
         labels = torch.multinomial(self.prior, n, replacement=True, generator=generator)

@@ -195,6 +195,9 @@ def distill(teacher: Denoiser, data: GaussianMixture, critic: str = "learned", r
     if gan and not (gan_weights[1] > 0 and (gan_weights[0] > 0 or ratio_from_head)):
         raise ValueError(f"gan_weights = (generator, discriminator) must both be > 0 to train a GAN, or both 0 "
                          f"((0, d) trains only the discriminator, for density_ratio='discriminator'); got {gan_weights}")
+    if density_ratio == "discriminator" and divergence == "reverse_kl":
+        raise ValueError("density_ratio='discriminator' weighs an f-divergence, but reverse KL (DMD) reads no ratio: "
+                         "set divergence to 'forward_kl' or 'jensen_shannon'")
     if ratio_from_head and not gan:
         raise ValueError("density_ratio='discriminator' reads the GAN head: set gan_weights = (0, d) or (g, d)")
     if divergence != "reverse_kl" and student_sigmas is not None:
@@ -287,6 +290,9 @@ def distill_guided(data: ClassConditionalMixture, guidance: float, distribution_
     score (:class:`dmd2lab.toy2d.ClassOracleFakeDenoiser`), so what differs between runs is only which of the two
     terms of :func:`dmd2lab.followups.decoupled_dm_gradient` the generator follows. ``initial_generator``: a
     labelled generator to start from (copied; e.g. :func:`regression_warm_start` on :func:`class_teacher_pairs`)."""
+    if initial_generator is not None and initial_generator.num_classes != data.num_classes:
+        raise ValueError(f"initial_generator takes {initial_generator.num_classes} classes but the data has "
+                         f"{data.num_classes}: warm-start it with num_classes={data.num_classes}")
     torch.manual_seed(seed)
     generator = (MLPGenerator(data_dim=data.marginal.dim, num_classes=data.num_classes)
                  if initial_generator is None else copy.deepcopy(initial_generator))
@@ -386,13 +392,14 @@ def density_ratio_agreement(run: Distillation, data: GaussianMixture, sigmas=(0.
         # The generator the discriminator was trained against: the raw one, not its EMA copy.
         generator = run.trainer.players["generator"].module
         generated = generator(torch.randn(reference + n // 2, generator.noise_dim, generator=rng))
-        q = GaussianMixture(generated[:reference].double(), 0.0)
+        # One fixed reference for every sigma, so the levels are compared on one picture of q.
+        exact_ratio = OracleLogDensityRatio(data, lambda _: generated[:reference].double(), reference)
         clean = torch.cat([data.sample(n - n // 2, rng), generated[reference:]])
         out = {}
         for s in sigmas:
             x_t = clean + s * torch.randn(clean.shape, generator=rng)
             sigma = torch.full((n,), float(s))
-            exact = (data.log_prob(x_t.double(), float(s)) - q.log_prob(x_t.double(), float(s))).float()
+            exact = exact_ratio(x_t.double(), sigma.double()).float()
             estimate = run.objective.fake.logits(x_t, sigma).reshape(n)
             out[float(s)] = {"exact": exact, "estimate": estimate,
                              "correlation": torch.corrcoef(torch.stack([exact, estimate]))[0, 1].item(),

@@ -355,6 +355,12 @@ def test_settings_validate_the_follow_up_fields():
         with pytest.raises(ValueError, match="first_step_target_prediction"):
             DMD2Settings(first_step_target_prediction=True, student_sigmas=sigmas)
     assert DMD2Settings(first_step_target_prediction=True, student_sigmas=(5.0, 1.0)).student_sigmas == (5.0, 1.0)
+    # The discriminator's ratio is read wherever the DM loss samples t: the head must be trained there.
+    ratio_head = dict(divergence="jensen_shannon", gan_generator_weight=0.0, gan_discriminator_weight=1.0)
+    for dm, gan in (((10, 90), (20, 99)), (None, (0, 99))):
+        with pytest.raises(ValueError, match="must contain"):
+            DMD2Settings(dm_timesteps=dm, gan_timesteps=gan, **ratio_head)
+    DMD2Settings(dm_timesteps=(20, 90), gan_timesteps=(10, 99), **ratio_head)
 
 
 def _objective(divergence="reverse_kl", gan=(0.0, 0.0), head=False, log_density_ratio=None, **kw):
@@ -651,19 +657,6 @@ def test_labelled_joint_is_the_share_table_times_the_weights():
         torch.testing.assert_close(LAB.classes[c].weights, own / own.sum(), rtol=1e-12, atol=1e-15)
 
 
-def test_class_posterior_is_bayes_and_sums_to_one():
-    x = BASE6.means[torch.arange(20) % 6] + 0.4 * randn(20, 2, seed=3)
-    for sigma in (0.0, 0.5, torch.linspace(0.1, 2.0, 20, dtype=F64)):
-        post = torch.stack([LAB.class_posterior(x, torch.full((20,), c), sigma) for c in range(3)], 1)
-        torch.testing.assert_close(post.sum(1), torch.ones(20, dtype=F64), rtol=1e-12, atol=1e-12)
-        # By hand: p(c | x) = sum_k joint[c, k] N_k(x) / sum_k w_k N_k(x), N_k the noised component.
-        s = torch.as_tensor(sigma, dtype=F64).expand(20)
-        var = 0.1 ** 2 + s ** 2  # every component has std 0.1: the normalising constants cancel
-        log_dens = -((x[:, None] - BASE6.means[None]) ** 2).sum(-1) / (2 * var[:, None])  # (20, K)
-        log_joint = torch.logsumexp(LAB.joint.log()[None] + log_dens[:, None, :], dim=2)  # (20, C)
-        torch.testing.assert_close(post, torch.softmax(log_joint, 1), rtol=1e-9, atol=1e-12)
-
-
 def test_conditional_and_unconditional_denoisers():
     x, sigma = randn(30, 2, seed=4) * 3, torch.linspace(0.05, 3.0, 30, dtype=F64)
     torch.testing.assert_close(LAB.denoise(x, sigma, None), BASE6.denoise(x, sigma), rtol=1e-12, atol=1e-12)
@@ -876,6 +869,8 @@ def test_distill_validates_the_follow_up_options(tiny_teacher, real_data):
         _distill(tiny_teacher, divergence="jensen_shannon", student_sigmas=tx.student_sigmas())
     with pytest.raises(ValueError, match="gan_weights"):  # (0, d) only when the head's ratio is read
         _distill(tiny_teacher, divergence="forward_kl", gan_weights=(0.0, 1.0), real_data=real_data)
+    with pytest.raises(ValueError, match="reads no ratio"):
+        _distill(tiny_teacher, density_ratio="discriminator", gan_weights=(0.3, 1.0), real_data=real_data)
 
 
 def test_distill_with_the_exact_ratio_logs_sample_weights(tiny_teacher):
@@ -890,6 +885,20 @@ def test_distill_dpdmd_runs(tiny_teacher):
     assert 0 not in run.objective.recent_inputs
     assert any("first_step_loss" in row for row in run.trainer.history)
     assert torch.isfinite(run.sample(20)).all()
+
+
+def test_distill_guided_rejects_a_warm_start_with_other_classes():
+    (z, y), labels = tx.class_teacher_pairs(LAB, 64, steps=4, seed=0)
+    missing_top_class = labels.clamp(max=LAB.num_classes - 2)
+    warm = tx.regression_warm_start((z, y), steps=2, batch_size=16, labels=missing_top_class)
+    assert warm.num_classes == LAB.num_classes - 1
+    with pytest.raises(ValueError, match="num_classes"):
+        tx.distill_guided(LAB, 2.0, generator_steps=1, initial_generator=warm)
+    warm = tx.regression_warm_start((z, y), steps=2, batch_size=16, labels=missing_top_class,
+                                    num_classes=LAB.num_classes)
+    assert warm.num_classes == LAB.num_classes
+    with pytest.raises(ValueError, match="labels must lie"):
+        tx.regression_warm_start((z, y), steps=1, labels=labels, num_classes=1)
 
 
 def test_distill_guided_is_deterministic_per_seed():
