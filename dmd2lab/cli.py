@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="papermill parameter for every lab that declares it, e.g. -p quick False")
     run.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default: 1800)")
+    run.add_argument("--smoke", action="store_true",
+                     help="tiny settings, claims reported but not checked: does every cell run? (seconds per lab)")
     listing = labs_commands.add_parser("list", help="list the labs and their parameters")
     listing.add_argument("--labs", default="labs")
     return parser
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path.stem}: {params}")
             return 0
         failed = labs.run_labs(args.labs, args.out, args.only, dict(_parameter(p) for p in args.parameter),
-                               args.timeout)
+                               args.timeout, args.smoke)
     except (ValueError, FileNotFoundError) as e:
         print(f"dmd2lab: error: {e}", file=sys.stderr)
         return 2

@@ -80,7 +80,7 @@ def test_finish_writes_results_before_asserting(tmp_path):
     path = tmp_path / "r.json"
     with pytest.raises(AssertionError, match="did not hold: b"):
         labs.finish(path, {"a": True, "b": False}, {"x": 1.5})
-    assert json.loads(path.read_text()) == {"claims": {"a": True, "b": False}, "metrics": {"x": 1.5}}
+    assert json.loads(path.read_text()) == {"claims": {"a": True, "b": False}, "metrics": {"x": 1.5}, "claims_checked": True}
     with pytest.raises(ValueError, match="finite"):
         labs.finish(path, {"a": True}, {"x": float("nan")})
 
@@ -88,7 +88,7 @@ def test_finish_writes_results_before_asserting(tmp_path):
 def _lab(path: Path, body: str):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell("seed = 0\nquick = True\ndevice = 'cpu'\nresults_path = 'r.json'\nmargin = 1.0")
+    params = nbformat.v4.new_code_cell("seed = 0\nquick = True\ndevice = 'cpu'\nresults_path = 'r.json'\ncheck_claims = True\nmargin = 1.0")
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell("from dmd2lab import labs\nlab = labs.start(globals())"),
                 nbformat.v4.new_code_cell(body)]
@@ -185,3 +185,22 @@ def test_check_parameters_names_the_bad_parameter():
                                    ({}, {"lr": float("nan")}, "lr"), ({}, {"lr": "fast"}, "lr")]:
         with pytest.raises(ValueError, match=f"'{name}'"):
             check_parameters(counts, positive)
+
+
+def test_finish_without_checking_reports_and_drops_non_finite(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    results = labs.finish(path, {"a": True, "b": False}, {"x": 1.5, "y": float("nan")}, check=False)
+    assert results["claims_checked"] is False and results["non_finite_metrics"] == ["y"]
+    assert json.loads(path.read_text())["metrics"] == {"x": 1.5}
+    assert "did not hold: b" in capsys.readouterr().out
+
+
+def test_every_lab_has_smoke_settings_it_declares():
+    for path in LABS:
+        declared = labs.declared_parameters(path)
+        smoke = labs.smoke_parameters(path)
+        assert smoke["check_claims"] is False
+        unknown = set(smoke) - set(declared)
+        assert not unknown, f"{path.name}: smoke parameters {unknown} are not declared by the lab"
+    with pytest.raises(ValueError, match="SMOKE_PARAMETERS"):
+        labs.smoke_parameters("99_unknown.ipynb")
