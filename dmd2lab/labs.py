@@ -193,7 +193,7 @@ def show_widget(function, **controls):
         function(**values)
         plt.show()
 
-    return ipywidgets.interact(draw, **controls)
+    ipywidgets.interact(draw, **controls)  # it displays itself; returned, the notebook would print it again
 
 
 # ---------------------------------------------------------------------------------------------- batch runs
