@@ -182,6 +182,15 @@ def errors_in(state: dict) -> list[str]:
     return [text for text in state["stderr"] if TRACEBACK.search(text)]
 
 
+def waited(wait) -> bool:
+    """Run a Playwright wait; False on its timeout (so that failures are reported without a chained timeout)."""
+    try:
+        wait()
+        return True
+    except sync_api.TimeoutError:
+        return False
+
+
 def has_widget(lab: Path) -> bool:
     nb = nbformat.read(lab, as_version=4)
     return any("labs.show_widget(" in c.source for c in nb.cells if c.cell_type == "code")
@@ -195,12 +204,10 @@ def run_all_cells(page, panel, name: str) -> dict:
         item = page.locator('.lm-Menu-item[data-command="runmenu:run-all"]')
         if "lm-mod-disabled" not in (item.get_attribute("class") or ""):
             item.click()
-            try:  # Run All marks every cell queued ([*]) at once
-                page.wait_for_function("(p) => p.querySelector('.jp-CodeCell .jp-InputArea-prompt')"
-                                       "?.textContent.trim() !== '[ ]:'", arg=panel.element_handle(), timeout=10_000)
+            if waited(lambda: page.wait_for_function(  # Run All marks every cell queued ([*]) at once
+                    "(p) => p.querySelector('.jp-CodeCell .jp-InputArea-prompt')?.textContent.trim() !== '[ ]:'",
+                    arg=panel.element_handle(), timeout=10_000)):
                 break
-            except sync_api.TimeoutError:
-                continue
         page.keyboard.press("Escape")
         page.wait_for_timeout(2000)
     else:
@@ -235,15 +242,13 @@ def move_widget(page, widget, name: str) -> str:
         key = "ArrowLeft" if float(before) >= float(handle.get_attribute("aria-valuemax")) else "ArrowRight"
         handle.focus()
         handle.press(key)
-        try:
-            page.wait_for_function("([h, v]) => h.getAttribute('aria-valuetext') !== v",
-                                   arg=[handle.element_handle(), before], timeout=10_000)
-        except sync_api.TimeoutError:
+        if not waited(lambda: page.wait_for_function("([h, v]) => h.getAttribute('aria-valuetext') !== v",
+                                                     arg=[handle.element_handle(), before], timeout=10_000)):
             pytest.fail(f"{name}: the widget's slider did not move on {key}")
         return f"slider {before} -> {handle.get_attribute('aria-valuetext')} ({key})"
     select = widget.locator("select").first
     if select.count():
-        options = select.locator("option").all_text_contents()
+        options = [o.replace("\xa0", " ") for o in select.locator("option").all_text_contents()]
         current = select.input_value()
         values = select.evaluate("s => [...s.options].map(o => o.value)")
         target = next(v for v in values if v != current)
@@ -262,10 +267,9 @@ def test_lab_runs_in_jupyterlab(lab, server, browser):
         page.goto(f"{server.url}/lab/workspaces/{name}/tree/{lab.name}?token={server.token}")
         panel = page.locator(".jp-NotebookPanel").first
         panel.wait_for()
-        try:
-            page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .jp-Notebook-ExecutionIndicator')"
-                                   "?.getAttribute('data-status') === 'idle'", timeout=60_000)
-        except sync_api.TimeoutError:
+        if not waited(lambda: page.wait_for_function(
+                "() => document.querySelector('.jp-NotebookPanel .jp-Notebook-ExecutionIndicator')"
+                "?.getAttribute('data-status') === 'idle'", timeout=60_000)):
             pytest.fail(f"{name}: the kernel never became idle after opening the lab")
         state = run_all_cells(page, panel, name)
         assert state["prompts"], f"{name}: no code cells rendered"
@@ -277,27 +281,28 @@ def test_lab_runs_in_jupyterlab(lab, server, browser):
         shown = panel.locator(".jp-RenderedImage img").first
         if has_widget(lab):
             widget = panel.locator(".widget-interact").first
-            try:
-                widget.wait_for(timeout=30_000)
-            except sync_api.TimeoutError:
+            if not waited(lambda: widget.wait_for(timeout=30_000)):
                 pytest.fail(f"{name}: calls labs.show_widget but no interactive widget was shown")
             figure = widget.locator(".widget-output img").first
-            try:
-                figure.wait_for(timeout=WIDGET_TIMEOUT_S * 1000)
-            except sync_api.TimeoutError:
+            if not waited(lambda: figure.wait_for(timeout=WIDGET_TIMEOUT_S * 1000)):
                 pytest.fail(f"{name}: the widget drew no figure")
             before = figure.get_attribute("src")
             moved = move_widget(page, widget, name)
-            try:
-                page.wait_for_function("([w, src]) => { const img = w.querySelector('.widget-output img');"
-                                       " return img !== null && img.getAttribute('src') !== src; }",
-                                       arg=[widget.element_handle(), before], timeout=WIDGET_TIMEOUT_S * 1000)
-            except sync_api.TimeoutError:
-                errors = errors_in(panel.evaluate(LAB_STATE_JS))
-                pytest.fail(f"{name}: the widget's figure did not redraw after moving the {moved}"
-                            + (f"; error output:\n{errors[0][-3000:]}" if errors else ""))
+            changed = ("([w, src]) => { const img = w.querySelector('.widget-output img');"
+                       " return img !== null && img.getAttribute('src') !== src; }")
+            stderr = f"(w) => w.querySelector('.widget-output [data-mime-type=\"{STDERR}\"]') !== null"
+            handle = widget.element_handle()
+            redrawn = waited(lambda: page.wait_for_function(  # a new figure, or stderr (a traceback?) instead
+                f"([w, src]) => ({changed})([w, src]) || ({stderr})(w)", arg=[handle, before],
+                timeout=WIDGET_TIMEOUT_S * 1000))
             errors = errors_in(panel.evaluate(LAB_STATE_JS))
             assert not errors, f"{name}: error output after moving the {moved}:\n{errors[0][-3000:]}"
+            if redrawn and not page.evaluate(changed, [handle, before]):  # stderr, not an error: keep waiting
+                redrawn = waited(lambda: page.wait_for_function(changed, arg=[handle, before],
+                                                                timeout=WIDGET_TIMEOUT_S * 1000))
+            if not redrawn:
+                pytest.fail(f"{name}: the widget's figure did not redraw within {WIDGET_TIMEOUT_S} s after moving "
+                            f"the {moved}")
             shown = widget
         # The student's view: the widget (or the first figure) in a 1280x900 window.
         shown.scroll_into_view_if_needed()
