@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     grading.add_argument("--out", default="grades",
                          help="where grades.csv, report.md and the executed notebooks go (default: grades)")
     grading.add_argument("--timeout", type=int, default=120,
-                         help="seconds allowed per cell; a cell that runs longer ends that notebook (default: 120)")
+                         help="seconds allowed per notebook (each runs in a process of its own); past it, that notebook scores what it had not reached as 0 (default: 120)")
     return parser
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         failed = labs.run_labs(args.labs, args.out, args.only, dict(_parameter(p) for p in args.parameter),
                                args.timeout, args.smoke)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dmd2lab: error: {e}", file=sys.stderr)
         return 2
     return 1 if failed else 0

@@ -174,6 +174,19 @@ def _points(cell) -> float:
     return int(points) if points.is_integer() else points
 
 
+def submission_to_run(source, submission):
+    """The notebook that is graded: the source lab with its solutions stubbed (the student copy), each solution cell
+    (by ``grade_id``) replaced by the submission's; a solution cell missing from the submission keeps the stub."""
+    run = student_notebook(source)
+    answers = {_nbgrader(c).get("grade_id"): c.get("source", "") for c in submission.cells
+               if _nbgrader(c).get("solution") and _nbgrader(c).get("grade_id")}
+    for cell in run.cells:
+        grade_id = _nbgrader(cell).get("grade_id")
+        if _nbgrader(cell).get("solution") and grade_id in answers:
+            cell.source = answers[grade_id]
+    return run
+
+
 def grade_notebook(student: str, lab: Path, submission: Path, timeout: int, executed_dir: Path | None = None
                    ) -> list[GradeRow]:
     """Grade one submission of one lab: one row per graded cell of the source lab. Never raises."""
@@ -211,33 +224,28 @@ def grade_notebook(student: str, lab: Path, submission: Path, timeout: int, exec
                 else:
                     flags.setdefault("*", f"locked cell {grade_id!r} deleted")
                 continue
-            index = by_id[grade_id]
-            mine = nb.cells[index]
+            mine = nb.cells[by_id[grade_id]]
             if mine.cell_type != cell.cell_type or source_checksum(mine.get("source", "")) != source_checksum(
                     cell.source):
                 flags[grade_id if grade_id in rows else "*"] = f"{LOCKED_EDITED}: {grade_id!r} restored from the source"
-            restored = copy.deepcopy(cell)  # source, type and metadata (points) all from the instructor's lab
-            if restored.cell_type == "code":
-                restored.outputs, restored.execution_count = [], None
-            nb.cells[index] = restored
-        present = [by_id[g] for g in rows if g in by_id and rows[g].status != CHECK_DELETED]
-        if present:
-            for cell in nb.cells:  # a student's stale outputs never count
-                if cell.cell_type == "code":
-                    cell.outputs, cell.execution_count = [], None
+        if any(row.status != CHECK_DELETED for row in rows.values()):
+            # What runs is the instructor's lab with only the students' solution cells taken from the submission:
+            # edits or cells added anywhere else (an import swapped, a global the check reads changed) never run.
+            run = submission_to_run(nbformat.read(lab, as_version=4), nb)
+            checks = {_nbgrader(c).get("grade_id"): i for i, c in enumerate(run.cells) if is_graded(c)}
             with tempfile.TemporaryDirectory(prefix="dmd2lab-grade-") as workdir:
                 parameters = {**smoke_parameters(lab), "results_path": str(Path(workdir) / "results.json")}
-                runs = run_notebook(nb, parameters, timeout, workdir, upto=max(present))
+                runs = run_notebook(run, parameters, timeout, workdir, upto=max(checks.values()))
                 if executed_dir is not None:
                     executed_dir.mkdir(parents=True, exist_ok=True)
-                    nbformat.write(nb, executed_dir / lab.name)
+                    nbformat.write(run, executed_dir / lab.name)
             for grade_id, row in rows.items():
                 if row.status == CHECK_DELETED:
                     continue
-                run = runs[by_id[grade_id]]
-                row.status = {"ok": "passed", "error": "failed"}.get(run.status, run.status)
-                row.points = row.max_points if run.status == "ok" else 0
-                row.message = run.message
+                result = runs[checks[grade_id]]
+                row.status = {"ok": "passed", "error": "failed"}.get(result.status, result.status)
+                row.points = row.max_points if result.status == "ok" else 0
+                row.message = result.message
         for grade_id, row in rows.items():
             notes = [flags[k] for k in (grade_id, "*") if k in flags]
             if notes:
@@ -246,6 +254,38 @@ def grade_notebook(student: str, lab: Path, submission: Path, timeout: int, exec
         return list(rows.values())
     except Exception as e:  # anything else (a kernel that would not start, ...): this notebook scores 0
         return all_rows("error", f"grading failed: {type(e).__name__}: {e}"[:300])
+
+
+def grade_isolated(student: str, lab: Path, submission: Path, timeout: int,
+                   executed_dir: Path | None = None) -> list[GradeRow]:
+    """:func:`grade_notebook` in a process of its own (its own session) with a wall-clock limit of ``timeout``
+    seconds for the whole notebook, plus a minute for the kernel to start and stop: a submission that hangs, kills
+    its parent process or exhausts memory loses only its own points. Never raises."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "dmd2lab.course", student, str(lab), str(submission), str(timeout),
+               str(executed_dir or "")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout + 60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return _all_rows(student, lab, "timeout", f"the notebook ran longer than the {timeout} s timeout")
+    lines = out.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        last = (err.strip().splitlines() or [f"exit code {process.returncode}"])[-1]
+        return _all_rows(student, lab, "error", f"the grading process died: {last}"[:300])
+    return [GradeRow(**row) for row in json.loads(lines[-1])]
+
+
+def _all_rows(student: str, lab: Path, status: str, message: str) -> list[GradeRow]:
+    _, graded = _source_cells(lab)
+    return [GradeRow(student, lab.stem, c.metadata.nbgrader["grade_id"], 0, _points(c), status, message)
+            for c in graded]
 
 
 def grade(submissions_dir: str | Path, lab_dir: str | Path = "labs", out_dir: str | Path = "grades",
@@ -266,30 +306,37 @@ def grade(submissions_dir: str | Path, lab_dir: str | Path = "labs", out_dir: st
                                 "SUBMISSIONS/<student>/<NN_name>.ipynb")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    handed_in = [lab for lab in labs if any((student / lab.name).is_file() for student in students)]
+    for lab in handed_in:  # a canary: if the committed lab does not score full marks here, every student would get 0
+        canary = grade_isolated("(source)", lab, lab, timeout)
+        if any(r.points < r.max_points for r in canary):
+            raise RuntimeError(f"the source lab {lab} does not grade full marks in this environment "
+                               f"({'; '.join(f'{r.status}: {r.message}' for r in canary)}); check that the kernel "
+                               "can import dmd2lab and run the lab (dmd2lab labs run --smoke)")
     names = {lab.name for lab in labs}
     rows: list[GradeRow] = []
     ignored: list[str] = []
+    csv_file = open(out / "grades.csv", "w", newline="")
+    writer = csv.DictWriter(csv_file, fieldnames=FIELDS)
+    writer.writeheader()
     for student in students:
         ignored += [f"{student.name}/{p.name}" for p in sorted(student.glob("*.ipynb")) if p.name not in names]
         for lab in labs:
             submission = student / lab.name
             started = time.perf_counter()
             if not submission.is_file():
-                _, graded = _source_cells(lab)
-                lab_rows = [GradeRow(student.name, lab.stem, c.metadata.nbgrader["grade_id"], 0, _points(c),
-                                     NOT_SUBMITTED, f"no {lab.name} in {student.name}/") for c in graded]
+                lab_rows = _all_rows(student.name, lab, NOT_SUBMITTED, f"no {lab.name} in {student.name}/")
             else:
-                lab_rows = grade_notebook(student.name, lab, submission, timeout, out / "executed" / student.name)
+                lab_rows = grade_isolated(student.name, lab, submission, timeout, out / "executed" / student.name)
             rows += lab_rows
+            writer.writerows(asdict(r) for r in lab_rows)  # written as graded: an interrupted batch keeps its rows
+            csv_file.flush()
             if log:
                 log(f"{student.name} {lab.stem}: {sum(r.points for r in lab_rows)}/"
                     f"{sum(r.max_points for r in lab_rows)} ({', '.join(r.status for r in lab_rows)}; "
                     f"{time.perf_counter() - started:.1f} s)")
+    csv_file.close()
     result = [asdict(r) for r in rows]
-    with open(out / "grades.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(result)
     (out / "report.md").write_text(report(result, ignored))
     return result
 
@@ -301,7 +348,7 @@ def report(rows: list[dict], ignored: list[str] = ()) -> str:
     for s in students:
         mine = [r for r in rows if r["student"] == s]
         flagged = [f"{r['lab']}: {r['status']}" for r in mine
-                   if r["status"] in (CHECK_DELETED, MALFORMED, "error") or LOCKED_EDITED in r["status"]]
+                   if r["status"] in (CHECK_DELETED, MALFORMED, "error", "timeout", "kernel died") or LOCKED_EDITED in r["status"]]
         lines.append(f"| {s} | {sum(r['points'] for r in mine)} | {sum(r['max_points'] for r in mine)} | "
                      f"{'; '.join(flagged) or '—'} |")
     for s in students:
@@ -313,3 +360,12 @@ def report(rows: list[dict], ignored: list[str] = ()) -> str:
     if ignored:
         lines += ["", "## Ignored files (not named like any lab)", ""] + [f"- {p}" for p in ignored]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # one notebook graded in its own process: see grade_isolated
+    import json
+    import sys
+    _student, _lab, _submission, _timeout, _executed = sys.argv[1:6]
+    _rows = grade_notebook(_student, Path(_lab), Path(_submission), int(_timeout),
+                           Path(_executed) if _executed else None)
+    print(json.dumps([asdict(r) for r in _rows]))

@@ -80,6 +80,8 @@ def smoke_copy(lab: Path, folder: Path) -> Path:
         if not found:
             source += f"\n{name} = {value!r}"
     cell.source = source
+    for code in (c for c in nb.cells if c.cell_type == "code"):  # the waits below read execution counts
+        code.outputs, code.execution_count = [], None
     copy = folder / lab.name
     nbformat.write(nb, copy)
     declared = labs.declared_parameters(copy)
@@ -132,6 +134,7 @@ def server(tmp_path_factory):
     log_path = root / "jupyterlab.log"
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
                f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={lab_root}",
+               "--ServerApp.port_retries=0",  # a taken port must fail here, not move the server elsewhere
                f"--LabApp.user_settings_dir={state / 'settings'}", f"--LabApp.workspaces_dir={state / 'workspaces'}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")
@@ -157,6 +160,10 @@ def server(tmp_path_factory):
                 time.sleep(0.5)
         yield srv
     finally:
+        try:  # kernels run in sessions of their own: shut them down through the server, not by its process group
+            srv.shut_down_kernels()
+        except Exception:  # the server may already be gone; terminating it below still stops what it can
+            pass
         process.terminate()  # the server shuts its kernels down on SIGTERM
         try:
             process.wait(timeout=20)

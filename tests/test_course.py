@@ -158,6 +158,14 @@ def tampered(student_dir, tmp_path_factory):
     hanging = read(TAMPER_LAB)
     hanging.cells[check - 1].source = "import time; time.sleep(1000)\n" + hanging.cells[check - 1].source
     hand_in("hanging", hanging)
+    elsewhere = read(TAMPER_LAB)  # an edit outside the solution cell never runs: the source's cells do
+    setup = next(i for i, c in enumerate(elsewhere.cells) if "labs.start(globals())" in c.source)
+    elsewhere.cells[setup].source = "raise RuntimeError('tampered setup')"
+    elsewhere.cells.insert(check, nbformat.v4.new_code_cell("raise RuntimeError('an inserted cell')"))
+    hand_in("elsewhere", elsewhere)
+    killer = read(TAMPER_LAB)
+    killer.cells[check - 1].source = "import os; os.kill(os.getppid(), 9)\n" + killer.cells[check - 1].source
+    hand_in("killer", killer)
     hand_in("honest", solution)
     out = tmp_path_factory.mktemp("tampered-grades")
     started = time.perf_counter()
@@ -187,6 +195,31 @@ def test_hanging_notebook_times_out_and_the_batch_goes_on(tampered):
     assert row["status"] == "timeout" and row["points"] == 0 and "20 s" in row["message"]
     assert rows[("honest", TAMPER_LAB.stem)]["points"] == 2, "the student graded after it is graded normally"
     assert wall < 120
+
+
+def test_only_the_solution_cells_of_a_submission_run(tampered):
+    row = tampered[0][("elsewhere", TAMPER_LAB.stem)]
+    assert row["points"] == 2 and row["status"] == "passed", row
+
+
+def test_a_kernel_that_kills_its_grader_costs_only_its_own_points(tampered):
+    rows = tampered[0]
+    row = rows[("killer", TAMPER_LAB.stem)]
+    assert row["points"] == 0 and row["status"] == "error" and "died" in row["message"], row
+    assert rows[("honest", TAMPER_LAB.stem)]["points"] == 2
+
+
+def test_the_grader_refuses_an_environment_where_the_source_lab_fails(tmp_path):
+    broken_labs = tmp_path / "labs"
+    broken_labs.mkdir()
+    broken = read(TAMPER_LAB)
+    check = next(c for c in broken.cells if course.is_graded(c))
+    check.source = "assert False, 'this environment cannot pass the check'"
+    nbformat.write(broken, broken_labs / TAMPER_LAB.name)
+    (tmp_path / "subs" / "ada").mkdir(parents=True)
+    shutil.copy(TAMPER_LAB, tmp_path / "subs" / "ada" / TAMPER_LAB.name)
+    with pytest.raises(RuntimeError, match="does not grade full marks"):
+        course.grade(tmp_path / "subs", broken_labs, tmp_path / "grades", timeout=60, log=None)
 
 
 def test_missing_lab_is_not_submitted(tampered):
