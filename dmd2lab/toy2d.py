@@ -99,6 +99,15 @@ class GaussianMixture:
         return GaussianMixture(self.means, self.stds + extra_std, self.weights)
 
 
+def by_label(labels: Tensor, out: Tensor, compute: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """Fill ``out`` class by class: ``out[labels == c] = compute(c, labels == c)`` for each label present, in
+    increasing order (one call per class, so per-class work such as drawing a reference sample happens once)."""
+    for c in labels.unique().tolist():
+        rows = labels == c
+        out[rows] = compute(c, rows)
+    return out
+
+
 class ClassConditionalMixture:
     """A labelled mixture: p(c, k) = ``joint[c, k]`` over classes c and components k of one set of Gaussians, so
     p(x | c), p(x) and p(c | x) are all exact at every noise level. The exact conditional and unconditional
@@ -128,19 +137,13 @@ class ClassConditionalMixture:
         if labels is None:
             return self.marginal.denoise(x, sigma)
         sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
-        out = torch.empty_like(x)
-        for c in labels.unique().tolist():
-            rows = labels == c
-            out[rows] = self.classes[c].denoise(x[rows], sigma[rows])
-        return out
+        return by_label(labels, torch.empty_like(x), lambda c, rows: self.classes[c].denoise(x[rows], sigma[rows]))
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
         """n exact (x, label) pairs."""
         labels = torch.multinomial(self.prior, n, replacement=True, generator=generator)
-        x = torch.empty(n, self.marginal.dim, dtype=dtype)
-        for c in labels.unique().tolist():
-            rows = labels == c
-            x[rows] = self.classes[c].sample(int(rows.sum()), generator, dtype)
+        x = by_label(labels, torch.empty(n, self.marginal.dim, dtype=dtype),
+                     lambda c, rows: self.classes[c].sample(int(rows.sum()), generator, dtype))
         return x, labels
 
     def guided(self, label: int, guidance: float) -> GaussianMixture:
@@ -324,10 +327,10 @@ class ClassOracleFakeDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
         sigma = per_sample_sigma(sigma, x, dtype=x.dtype)
-        out = torch.empty_like(x)
+
+        def denoise(c: int, rows: Tensor) -> Tensor:
+            reference = GaussianMixture(self.sample(self.num_samples, c).detach().to(x.dtype), 0.0)
+            return reference.denoise(x[rows], sigma[rows])
+
         with torch.no_grad():
-            for c in labels.unique().tolist():
-                rows = labels == c
-                reference = GaussianMixture(self.sample(self.num_samples, c).detach().to(x.dtype), 0.0)
-                out[rows] = reference.denoise(x[rows], sigma[rows])
-        return out
+            return by_label(labels, torch.empty_like(x), denoise)

@@ -19,7 +19,7 @@ from .dmd import GANHead
 from .objective import (CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings, GuidedDMDObjective,
                         RegressionObjective)
 from .toy2d import (ClassConditionalMixture, ClassOracleFakeDenoiser, GaussianMixture, MLPDenoiser, MLPGenerator,
-                    OracleFakeDenoiser, OracleLogDensityRatio)
+                    OracleFakeDenoiser, OracleLogDensityRatio, by_label)
 from .train import Player, TrainConfig, Trainer
 
 TEACHER_SIGMAS = (0.005, 40.0)
@@ -103,10 +103,8 @@ def class_teacher_pairs(data: ClassConditionalMixture, n: int, steps: int = 100,
     rng = torch.Generator().manual_seed(seed)
     labels = torch.multinomial(data.prior, n, replacement=True, generator=rng)
     noise = torch.randn(n, data.marginal.dim, generator=rng)
-    y = torch.empty_like(noise)
-    for c in labels.unique().tolist():
-        rows = labels == c
-        y[rows] = edm_sampler(data.classes[c].denoise, noise[rows].double(), steps, *TEACHER_SIGMAS).float()
+    y = by_label(labels, torch.empty_like(noise), lambda c, rows: edm_sampler(
+        data.classes[c].denoise, noise[rows].double(), steps, *TEACHER_SIGMAS).float())
     return (noise, y), labels
 
 
