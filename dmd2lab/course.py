@@ -191,22 +191,15 @@ def grade_notebook(student: str, lab: Path, submission: Path, timeout: int, exec
                    ) -> list[GradeRow]:
     """Grade one submission of one lab: one row per graded cell of the source lab. Never raises."""
     import nbformat
-    protected, graded = _source_cells(lab)
-    rows = {c.metadata.nbgrader["grade_id"]: GradeRow(student, lab.stem, c.metadata.nbgrader["grade_id"], 0,
-                                                     _points(c), "not run") for c in graded}
-
-    def all_rows(status: str, message: str) -> list[GradeRow]:
-        for row in rows.values():
-            row.status, row.message = status, message
-        return list(rows.values())
-
+    protected, _ = _source_cells(lab)
+    rows = {row.grade_id: row for row in _all_rows(student, lab, "not run", "")}
     try:
         nb = nbformat.read(submission, as_version=4)
         if not isinstance(nb.get("cells"), list):
             raise ValueError("no list of cells")
     except Exception as e:  # not JSON, not a notebook, unreadable: the batch goes on
         text = str(e).strip().splitlines()
-        return all_rows(MALFORMED, f"unreadable notebook: {type(e).__name__}: {text[0] if text else ''}"[:300])
+        return _all_rows(student, lab, MALFORMED, f"unreadable notebook: {type(e).__name__}: {text[0] if text else ''}"[:300])
     try:
         # Integrity against the source: every protected cell present, unchanged; the source's copy is what runs.
         flags: dict[str, str] = {}
@@ -253,7 +246,7 @@ def grade_notebook(student: str, lab: Path, submission: Path, timeout: int, exec
                 row.message = "; ".join(notes + ([row.message] if row.message else []))
         return list(rows.values())
     except Exception as e:  # anything else (a kernel that would not start, ...): this notebook scores 0
-        return all_rows("error", f"grading failed: {type(e).__name__}: {e}"[:300])
+        return _all_rows(student, lab, "error", f"grading failed: {type(e).__name__}: {e}"[:300])
 
 
 def grade_isolated(student: str, lab: Path, submission: Path, timeout: int,
