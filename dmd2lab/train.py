@@ -88,8 +88,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = False
     tensorboard: bool = False
+    mixed_precision: str = "no"
 
     def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"TrainConfig.mixed_precision must be 'no' or 'bf16'; got {self.mixed_precision!r}")
         for name in ("steps", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
@@ -120,6 +123,9 @@ class Trainer:
             raise ValueError("Trainer needs at least one player")
         self.out_dir = Path(self.out_dir) if self.out_dir is not None else None
         device = next(next(iter(self.players.values())).module.parameters()).device
+        # bf16 autocast around the objective (DMD2 trains in bf16); optimizer states and weights stay float32.
+        self._autocast = lambda: torch.autocast(device.type, torch.bfloat16,
+                                                enabled=self.config.mixed_precision == "bf16")
         self.rng = torch.Generator(device=device).manual_seed(self.config.seed)
         self.optimizers, self.ema = {}, {}
         for name, p in self.players.items():
@@ -158,10 +164,12 @@ class Trainer:
 
     def _train_step(self):
         updating = [n for n, p in self.players.items() if self.step % p.every == 0]
-        context = self.objective.prepare(self.step, updating, self.rng)
+        with self._autocast():
+            context = self.objective.prepare(self.step, updating, self.rng)
         for name in updating:
             player = self.players[name]
-            loss, logs = self.objective.loss(name, context, self.rng)
+            with self._autocast():
+                loss, logs = self.objective.loss(name, context, self.rng)
             if not torch.isfinite(loss):
                 raise NonFiniteError(self._stop_message(f"{name} loss is {loss.item()}"))
             for opt in self.optimizers.values():

@@ -1,0 +1,443 @@
+"""The image recipes: train an EDM teacher, distil it with DMD2, sample, evaluate — the functions behind
+``dmd2lab train-teacher | distill | sample | eval`` and lab 05.
+
+Settings are plain dataclasses (:class:`TeacherConfig`, :class:`DistillConfig`); a YAML file
+(``configs/<dataset>.yaml``, sections ``teacher`` and ``distill``), CLI ``--set name=value`` pairs and papermill
+parameters all map onto their fields the same way (:func:`load_config`), and an unknown name is an error.
+
+DMD2's ImageNet-64 recipe (DESIGN.md) is the default: a one-step generator and a critic both initialised from the
+teacher, the generator evaluated at sigma_max = 80 on pure noise, the critic trained with EDM's weighting over the
+whole 1000-level Karras table, DM loss over t in 20..980, GAN head on the critic's mid-block with weights
+3e-3 / 1e-2 and independently re-noised inputs, TTUR ratio 5, AdamW (0.9, 0.999) wd 0.01, 500-step warm-up,
+gradient clip 10. The dataset configs scale batch, learning rate and steps to their model size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import image_data, image_metrics
+from .diffusion import NoiseSchedule, edm_sampler
+from .dmd import GANHead
+from .image_models import (UNET_PRESETS, EDMDenoiser, OneStepGenerator, edm_sigmas, load_denoiser, read_metadata,
+                           save_denoiser, trainable_copy)
+from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings
+from .train import Player, Trainer, TrainConfig
+
+
+@dataclass
+class TeacherConfig:
+    """An EDM teacher on a dataset (EDM eq. 2, log-normal noise levels, EMA of the weights)."""
+
+    dataset: str = "fmnist"
+    data_root: str | None = None
+    unet: str = "fmnist"
+    steps: int = 20000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """DMD2 for a one-step image generator (defaults: DMD2's ImageNet-64 settings, DESIGN.md)."""
+
+    dataset: str = "fmnist"
+    data_root: str | None = None
+    teacher: str = "data/fmnist_teacher.safetensors"
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 2e-5
+    ratio: int = 5
+    warmup_steps: int = 500
+    grad_clip: float = 10.0
+    ema_decay: float | None = None
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    schedule_size: int = 1000
+    gan_generator_weight: float = 3e-3
+    gan_discriminator_weight: float = 1e-2
+    dm_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 50
+    checkpoint_every: int = 500
+    eval_every: int = 0
+    eval_images: int = 1000
+    classifier: str | None = None
+    progress: bool = True
+
+
+CONFIG_KINDS = {"teacher": TeacherConfig, "distill": DistillConfig}
+
+
+def load_config(kind: str, path: str | Path | None = None, overrides: dict | None = None):
+    """A :class:`TeacherConfig` or :class:`DistillConfig` from the ``kind`` section of a YAML file, then
+    ``overrides`` (CLI ``--set``, papermill parameters). Unknown names and wrong types are errors that name the
+    field and list the valid ones."""
+    cls = CONFIG_KINDS[kind]
+    values: dict = {}
+    if path is not None:
+        import yaml
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found; the shipped ones are configs/fmnist.yaml, "
+                                    "configs/cifar10.yaml and configs/imagenet64.yaml")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict) or not isinstance(loaded.get(kind, {}), dict):
+            raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings")
+        values.update(loaded.get(kind) or {})
+    values.update(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {kind} setting(s) {unknown}; valid: {', '.join(fields)}")
+    for name, value in values.items():
+        values[name] = _checked_type(cls, fields[name], value)
+    config = cls(**values)
+    _validate(config)
+    return config
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _checked_type(cls, f: dataclasses.Field, value):
+    """``value`` if it fits the field's annotation (``int``, ``float``, ``str``, ``bool``, optionally ``| None``);
+    ints become floats for float fields."""
+    kinds = [k.strip() for k in str(f.type).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    base = next(k for k in kinds if k != "None")
+    ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{cls.__name__}.{f.name} must be {base}{' or null' if 'None' in kinds else ''}; "
+                         f"got {value!r} ({type(value).__name__})")
+    return float(value) if base == "float" else value
+
+
+def _validate(config):
+    if config.dataset not in image_data.DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; expected one of {sorted(image_data.DATASETS)}")
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1; got {getattr(config, name)}")
+    if isinstance(config, TeacherConfig) and config.unet not in UNET_PRESETS:
+        raise ValueError(f"unknown unet preset {config.unet!r}; expected one of {sorted(UNET_PRESETS)}")
+    if isinstance(config, DistillConfig):
+        if config.ratio < 1:
+            raise ValueError(f"ratio (TTUR: critic updates per generator update) must be >= 1; got {config.ratio}")
+        if not 0 < config.sigma_min < config.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max; got {config.sigma_min}, {config.sigma_max}")
+        if config.eval_every and not config.classifier:
+            raise ValueError("eval_every > 0 measures classifier FID: set classifier to a classifier file "
+                             "(data/fmnist_classifier.safetensors) or eval_every to 0")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available, else cpu; anything else as torch names it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible; use device=auto or cpu")
+    return device
+
+
+def _prepare_module(module: torch.nn.Module, config) -> torch.nn.Module:
+    if config.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if config.compile:
+        module.compile()  # in place: state_dict keys and checkpoints stay those of the plain module
+    return module
+
+
+# --------------------------------------------------------------------------------------------- teacher
+def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenoiser, Path]:
+    """Train an EDM teacher (resumable from ``out_dir``'s checkpoints); writes ``out_dir/teacher.safetensors``
+    (the EMA weights) and returns (teacher, its path)."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    data = image_data.load_images(config.dataset, "train", config.data_root)
+    info = data.info
+    unet = dict(UNET_PRESETS[config.unet])
+    if unet["in_channels"] != info.channels or unet["sample_size"] != info.resolution:
+        raise ValueError(f"unet preset {config.unet!r} takes {unet['in_channels']}x{unet['sample_size']}^2 images but "
+                         f"{config.dataset} is {info.channels}x{info.resolution}^2; pick the matching preset")
+    denoiser = _prepare_module(EDMDenoiser.from_config(unet, config.sigma_data).to(device), config)
+    sampler = image_data.real_sampler(data, info.resolution, device)
+    objective = DenoiserObjective(
+        denoiser, sampler, NoiseSchedule.karras(), config.batch_size, "edm", config.sigma_data,
+        sigma_sampler=lambda n, rng: edm_sigmas(n, rng, config.p_mean, config.p_std))
+    trainer = Trainer(objective, {"teacher": Player(denoiser, config.lr, warmup_steps=config.warmup_steps,
+                                                    ema_decay=config.ema_decay)},
+                      _train_config(config), out_dir)
+    trainer.fit()
+    teacher = trainer.module("teacher")
+    meta = {"role": "teacher", "dataset": config.dataset, "steps": trainer.step,
+            "config": dataclasses.asdict(config), "train_seconds": trainer.history[-1]["elapsed_s"],
+            "device": _device_name(device)}
+    path = save_denoiser(teacher, Path(out_dir) / "teacher.safetensors", meta)
+    return teacher, path
+
+
+def _train_config(config) -> TrainConfig:
+    return TrainConfig(steps=config.steps, seed=config.seed, log_every=config.log_every,
+                       eval_every=getattr(config, "eval_every", 0), checkpoint_every=config.checkpoint_every,
+                       progress=config.progress, mixed_precision=config.mixed_precision)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# -------------------------------------------------------------------------------------------- distill
+@dataclass
+class Distillation:
+    """A built DMD2 image distillation: the trainer, and the pieces a lab or a script looks at."""
+
+    trainer: Trainer
+    generator: OneStepGenerator
+    critic: CriticWithHead
+    teacher: EDMDenoiser
+    config: DistillConfig
+    data: object = field(repr=False, default=None)
+
+    def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
+        """n one-step samples (model range) from fixed noise."""
+        return one_step_samples(self.generator, n, seed, batch_size)
+
+
+def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
+                       generator_init: str | Path | None = None, data=None) -> Distillation:
+    """DMD2 on images (Algorithm 1) from a teacher file: generator and critic are copies of the teacher (or the
+    generator of ``generator_init``, e.g. a shipped student to continue), the GAN head reads the critic's mid-block.
+    ``data`` (an :class:`~dmd2lab.image_data.ImageData`) replaces the config's dataset, e.g. a subset.
+    ``trainer.fit()`` runs it and resumes from ``out_dir``'s last checkpoint."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    teacher = load_denoiser(config.teacher, device)
+    if teacher.num_classes:
+        raise NotImplementedError(f"{config.teacher} is class-conditional; DMD2 distillation here takes "
+                                  "unconditional teachers")
+    data = image_data.load_images(config.dataset, "train", config.data_root) if data is None else data
+    info = data.info
+    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
+    if shape != (info.channels, info.resolution, info.resolution):
+        raise ValueError(f"teacher {config.teacher} makes {shape} images but {config.dataset} is "
+                         f"{(info.channels, info.resolution, info.resolution)}; use a teacher of this dataset")
+    student = load_denoiser(generator_init, device) if generator_init else teacher
+    generator = OneStepGenerator(_prepare_module(trainable_copy(student), config), config.sigma_max)
+    critic_net = _prepare_module(trainable_copy(teacher), config)
+    with torch.no_grad():
+        feature_shape = critic_net.features(torch.zeros((1,) + shape, device=device), 1.0).shape[1:]
+    critic = CriticWithHead(critic_net, GANHead(feature_shape).to(device))
+    gan = config.gan_generator_weight > 0 or config.gan_discriminator_weight > 0
+    settings = DMD2Settings(batch_size=config.batch_size, critic_weighting="edm", sigma_data=teacher.sigma_data,
+                            dm_weight=config.dm_weight, gan_generator_weight=config.gan_generator_weight,
+                            gan_discriminator_weight=config.gan_discriminator_weight)
+    real = image_data.real_sampler(data, info.resolution, device) if gan else None
+    objective = DMD2Objective(
+        generator, critic, teacher, NoiseSchedule.karras(config.schedule_size, config.sigma_min, config.sigma_max),
+        lambda n, rng: torch.randn((n,) + shape, generator=rng, device=rng.device).to(device), settings,
+        sample_real=real)
+    players = objective.players(config.lr, config.lr, config.ratio, warmup_steps=config.warmup_steps,
+                                grad_clip=config.grad_clip, ema_decay=config.ema_decay)
+    evaluate = _fid_evaluator(config, device) if config.eval_every else None
+    trainer = Trainer(objective, players, _train_config(config), out_dir, evaluate=evaluate)
+    return Distillation(trainer, generator, critic, teacher, config, data)
+
+
+def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Path | None = None
+            ) -> tuple[Distillation, Path]:
+    """Run (or resume) DMD2 distillation and write ``out_dir/student.safetensors`` (the generator's denoiser,
+    EMA weights when ``ema_decay`` is set)."""
+    run = build_distillation(config, out_dir, generator_init)
+    run.trainer.fit()
+    generator = run.trainer.module("generator")
+    meta = {"role": "student", "dataset": config.dataset, "sigma": config.sigma_max, "steps": run.trainer.step,
+            "config": dataclasses.asdict(config), "train_seconds": run.trainer.history[-1]["elapsed_s"],
+            "device": _device_name(resolve_device(config.device))}
+    return run, save_denoiser(generator.denoiser, Path(out_dir) / "student.safetensors", meta)
+
+
+def _fid_evaluator(config: DistillConfig, device) -> Callable[[Trainer], dict[str, float]]:
+    classifier = image_metrics.load_classifier(config.classifier).to(device)
+    test = image_data.load_images(config.dataset, "test", config.data_root, limit=config.eval_images)
+    reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
+
+    def evaluate(trainer: Trainer) -> dict[str, float]:
+        samples = one_step_samples(trainer.objective.generator, config.eval_images, seed=0)
+        return {"classifier_fid": image_metrics.classifier_fid(reference, samples, classifier)}
+    return evaluate
+
+
+# ----------------------------------------------------------------------------------------- sampling
+def one_step_samples(generator: Callable[[Tensor], Tensor], n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
+    """n samples of a one-step generator from the noise of ``seed`` (the same noise as :func:`teacher_samples`)."""
+    noise = fixed_noise(n, _image_shape(generator), seed, _device_of(generator))
+    with torch.no_grad():
+        return torch.cat([generator(z) for z in noise.split(batch_size)])
+
+
+def teacher_samples(teacher: Callable, n: int, num_steps: int, seed: int = 0, batch_size: int = 256,
+                    sigma_max: float = 80.0) -> Tensor:
+    """n samples of EDM's deterministic Heun sampler with ``num_steps`` steps (2 num_steps - 1 evaluations; 1 step =
+    the teacher's one-step output D(sigma_max z, sigma_max)), from the noise of ``seed``."""
+    noise = fixed_noise(n, _image_shape(teacher), seed, _device_of(teacher))
+    with torch.no_grad():
+        return torch.cat([edm_sampler(teacher, z, num_steps, sigma_max=sigma_max) for z in noise.split(batch_size)])
+
+
+def fixed_noise(n: int, shape: tuple[int, ...], seed: int, device) -> Tensor:
+    """Standard normal noise drawn on the CPU from ``seed``, so every device and model sees the same noise."""
+    return torch.randn((n,) + tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _denoiser_of(model):
+    return getattr(model, "denoiser", model)
+
+
+def _image_shape(model) -> tuple[int, int, int]:
+    config = _denoiser_of(model).unet.config
+    return (config.in_channels, config.sample_size, config.sample_size)
+
+
+def _device_of(model) -> torch.device:
+    return next(_denoiser_of(model).parameters()).device
+
+
+def load_sampler(path: str | Path, device="cpu") -> tuple[Callable[[Tensor], Tensor], dict]:
+    """A model file as a one-step sampler: a student's generator at its sigma, or a teacher's denoiser (whose
+    one-step output is D(sigma_max z, sigma_max)). Returns (the model, its metadata)."""
+    _, meta = read_metadata(path)
+    denoiser = load_denoiser(path, device)
+    return OneStepGenerator(denoiser, float(meta.get("sigma", 80.0))), meta
+
+
+def evaluate_models(models: dict[str, tuple[Callable[[int, int], Tensor], int]], reference: Tensor,
+                    classifier, speed_images: int = 64, batch_size: int = 64, num_images: int = 1000,
+                    inception: torch.nn.Module | None = None) -> dict[str, dict]:
+    """For each name -> (sample(n, seed), network evaluations per image): classifier FID against ``reference``
+    (and Inception FID/KID if ``inception``), and images/s measured the same way for all."""
+    results = {}
+    device = reference.device
+    for name, (sample, nfe) in models.items():
+        started = time.perf_counter()
+        images = sample(num_images, 0).clamp(-1, 1)  # as the images would be saved
+        row = {"nfe": nfe, "classifier_fid": image_metrics.classifier_fid(reference, images, classifier),
+               "sample_seconds": time.perf_counter() - started}
+        if inception is not None:
+            row.update(image_metrics.fid_and_kid(reference, images, inception))
+        row.update(image_metrics.sampling_speed(lambda n: sample(n, 1), speed_images, batch_size, device))
+        results[name] = row
+    return results
+
+
+def write_json(path: str | Path, values: dict):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2, default=str))
+
+
+def default_steps(meta: dict) -> int:
+    """A student samples in its one step; a teacher with EDM's 18 Heun steps (35 evaluations) unless told."""
+    return 1 if meta.get("role") == "student" else 18
+
+
+def file_sampler(path: str | Path, num_steps: int | None, device) -> tuple[Callable[[int, int], Tensor], int, dict]:
+    """(sample(n, seed), evaluations per image, metadata) for a model file: a student's one step, or a teacher's
+    Heun sampler with ``num_steps`` (default :func:`default_steps`)."""
+    _, meta = read_metadata(path)
+    num_steps = default_steps(meta) if num_steps is None else num_steps
+    if num_steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {num_steps}")
+    if meta.get("role") == "student":
+        if num_steps != 1:
+            raise ValueError(f"{path} is a one-step student; sample it with --steps 1 (or leave --steps out)")
+        generator, _ = load_sampler(path, device)
+        return lambda n, seed: one_step_samples(generator, n, seed), 1, meta
+    teacher = load_denoiser(path, device)
+    return (lambda n, seed: teacher_samples(teacher, n, num_steps, seed),
+            2 * num_steps - 1 if num_steps > 1 else 1, meta)
+
+
+def sample_to_files(model: str | Path, out: str | Path, num: int, num_steps: int | None = None, seed: int = 0,
+                    device: str = "auto", batch_size: int = 256) -> Path:
+    """Sample ``num`` images, write a PNG grid to ``out`` and the images (uint8, native size) beside it as .pt."""
+    from torchvision.utils import save_image
+    sample, _, meta = file_sampler(model, num_steps, resolve_device(device))
+    images = torch.cat([sample(min(batch_size, num - i), seed + i) for i in range(0, num, batch_size)]).cpu()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images + 1) / 2, str(out), nrow=max(1, int(num ** 0.5)))
+    size = image_data.DATASETS[meta.get("dataset", "fmnist")].size
+    torch.save(image_data.from_model_range(images, size), out.with_suffix(".pt"))
+    return out
+
+
+def evaluate_file(model: str | Path, classifier: str | Path, num: int, num_steps: int | None = None,
+                  seed: int = 0, device: str = "auto", batch_size: int = 256, data_root: str | None = None,
+                  inception: bool = False) -> dict:
+    """Classifier FID (and Inception FID/KID) of a model file's samples against ``num`` test images, and its
+    sampling speed."""
+    device = resolve_device(device)
+    sample, nfe, meta = file_sampler(model, num_steps, device)
+    test = image_data.load_images(meta.get("dataset", "fmnist"), "test", data_root, limit=num)
+    reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
+    results = evaluate_models({"model": (sample, nfe)}, reference, image_metrics.load_classifier(classifier).to(device),
+                              speed_images=min(num, 4 * batch_size), batch_size=batch_size, num_images=num,
+                              inception=image_metrics.InceptionFeatures().to(device) if inception else None)
+    return {"model": str(model), "role": meta.get("role"), "num_images": num, "device": _device_name(device),
+            **results["model"]}
+
+
+def train_feature_classifier(out: str | Path, data_root: str | None = None, steps: int = 3000, seed: int = 0,
+                             device: str = "auto") -> Path:
+    """Train and save the Fashion-MNIST feature classifier that classifier FID reads, with its test accuracy."""
+    device = resolve_device(device)
+    started = time.perf_counter()
+    train = image_data.load_images("fmnist", "train", data_root)
+    test = image_data.load_images("fmnist", "test", data_root)
+    # The images stay on the CPU: the classifier's batches are drawn there (one seed on every device).
+    to_model = lambda d: image_data.to_model_range(d.images, d.info.resolution)  # noqa: E731
+    classifier = image_metrics.train_classifier(to_model(train), train.labels, steps=steps, seed=seed,
+                                                device=device, progress=True)
+    test_accuracy = image_metrics.accuracy(classifier, to_model(test), test.labels)
+    meta = {"test_accuracy": f"{test_accuracy:.4f}", "steps": str(steps), "seed": str(seed),
+            "train_seconds": f"{time.perf_counter() - started:.1f}", "device": _device_name(device)}
+    return image_metrics.save_classifier(classifier, out, meta) or Path(out)
+
+
+def dm_gradient_pictures(x: Tensor, real: Callable, fake: Callable, sigma: float, seed: int = 0) -> dict[str, Tensor]:
+    """What the DM loss sees for generator samples ``x`` at one noise level (DMD2 eq. 2): x_t = x + sigma eps, the
+    teacher's and the critic's x0 at x_t, and the update direction real_x0 - fake_x0 that the DM loss moves x
+    along."""
+    noise = fixed_noise(x.shape[0], tuple(x.shape[1:]), seed, x.device)
+    sigmas = torch.full((x.shape[0],), float(sigma), device=x.device)
+    with torch.no_grad():
+        x_t = x + sigma * noise
+        real_x0, fake_x0 = real(x_t, sigmas), fake(x_t, sigmas)
+    return {"x": x, "x_t": x_t, "real_x0": real_x0, "fake_x0": fake_x0, "update": real_x0 - fake_x0}
