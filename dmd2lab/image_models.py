@@ -154,14 +154,18 @@ class VPDenoiser(nn.Module):
     a float timestep), then the model's ``prediction_type`` output (eps / v / x0) is turned into x0. Models with a
     learned variance (twice the output channels) have it dropped."""
 
-    def __init__(self, unet: nn.Module, scheduler):
+    def __init__(self, unet: nn.Module, scheduler, source: str | None = None):
         super().__init__()
         if not hasattr(scheduler, "alphas_cumprod"):
             raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod; a VP scheduler (DDPM/DDIM) is needed")
-        self.unet = unet
+        self.unet, self.source = unet, source
         self.prediction_type = scheduler.config.prediction_type
         a = scheduler.alphas_cumprod.double()
         self.register_buffer("log_sigmas", ((1 - a) / a).sqrt().log(), persistent=False)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.unet.config.num_class_embeds
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The fractional timestep whose noise level is sigma (clamped to the table's range)."""
@@ -185,6 +189,9 @@ class VPDenoiser(nn.Module):
         x_vp, t, _ = self._vp_input(x, sigma)
         return bottleneck(lambda: self.unet(x_vp, t.to(x.dtype), class_labels=class_labels), self.unet.mid_block)
 
+    def config(self) -> dict:
+        return {"kind": "vp", "source": self.source}
+
 
 def load_vp_teacher(path_or_id: str, subfolder: str | None = None) -> tuple[VPDenoiser, object]:
     """A diffusers VP model (UNet2DModel + scheduler) from a local folder or hub id, e.g. a DDPM CIFAR-10 32x32
@@ -203,7 +210,7 @@ def load_vp_teacher(path_or_id: str, subfolder: str | None = None) -> tuple[VPDe
             "diffusers pipeline folder there (unet/config.json + unet/diffusion_pytorch_model.safetensors and "
             "scheduler/scheduler_config.json), e.g. from `huggingface-cli download google/ddpm-cifar10-32 --local-dir "
             "DIR` on a machine with internet; offline (HF_HUB_OFFLINE=1) only local folders load.") from e
-    return VPDenoiser(unet, scheduler), scheduler
+    return VPDenoiser(unet, scheduler, str(path_or_id)), scheduler
 
 
 class EDMPickleDenoiser(nn.Module):
@@ -211,9 +218,9 @@ class EDMPickleDenoiser(nn.Module):
     labels become the one-hot rows it takes, and ``features`` reads the output of its encoder's last block (8x8x768
     for ImageNet-64: DMD2's GAN-head input)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, source: str | None = None, edm_code: str | None = None):
         super().__init__()
-        self.net = net
+        self.net, self.source, self.edm_code = net, source, edm_code
         self.num_classes = int(getattr(net, "label_dim", 0)) or None
 
     def _one_hot(self, x: Tensor, class_labels: Tensor | None) -> Tensor | None:
@@ -231,6 +238,9 @@ class EDMPickleDenoiser(nn.Module):
         sigma = per_sample_sigma(sigma, x, dtype=torch.float32, positive=True)
         last_encoder_block = list(self.net.model.enc.values())[-1]
         return bottleneck(lambda: self.net(x, sigma, self._one_hot(x, class_labels)), last_encoder_block)
+
+    def config(self) -> dict:
+        return {"kind": "edm_pickle", "source": self.source, "edm_code": self.edm_code}
 
 
 def load_edm_pickle(path: str | Path, edm_code: str | Path) -> EDMPickleDenoiser:
@@ -253,7 +263,7 @@ def load_edm_pickle(path: str | Path, edm_code: str | Path) -> EDMPickleDenoiser
         sys.path.remove(str(edm_code))
     if not isinstance(data, dict) or "ema" not in data:
         raise ValueError(f"{path} is not an EDM network pickle (expected a dict with an 'ema' network)")
-    return EDMPickleDenoiser(data["ema"].eval().requires_grad_(False))
+    return EDMPickleDenoiser(data["ema"].eval().requires_grad_(False), str(path), str(edm_code))
 
 
 class OneStepGenerator(nn.Module):
@@ -281,15 +291,16 @@ def count_parameters(module: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_denoiser(denoiser: EDMDenoiser, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write an :class:`EDMDenoiser` as one safetensors file: weights, and its config plus ``metadata`` (how it
-    was made, its metrics) as JSON in the header. Written to a temporary name and renamed, so a crash mid-write
-    never leaves a torn file under the final name."""
+def save_denoiser(denoiser: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write a denoiser (any wrapper here) as one safetensors file: its weights, and its ``config()`` (how to rebuild
+    it: a UNet config, or the pretrained source it was loaded from) plus ``metadata`` (how it was made, its
+    metrics) as JSON in the header. Written to a temporary name and renamed, so a crash mid-write never leaves a
+    torn file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"dmd2lab_config": json.dumps(denoiser.config(), default=list),
               "dmd2lab_metadata": json.dumps(metadata or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser.unet.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)
@@ -306,13 +317,45 @@ def read_metadata(path: str | Path) -> tuple[dict, dict]:
     return json.loads(header["dmd2lab_config"]), json.loads(header.get("dmd2lab_metadata", "{}"))
 
 
-def load_denoiser(path: str | Path, device="cpu") -> EDMDenoiser:
-    """An :class:`EDMDenoiser` from a file written by :func:`save_denoiser` (eval mode, no grad)."""
+def load_denoiser(path: str | Path, device="cpu") -> nn.Module:
+    """A denoiser from a file written by :func:`save_denoiser` (eval mode, no grad): rebuilt from its UNet config,
+    or from the pretrained source it was distilled from (which must still be there), then given the file's
+    weights."""
     from safetensors.torch import load_file
     config, _ = read_metadata(path)
-    denoiser = EDMDenoiser.from_config(config["unet"], config["sigma_data"])
-    denoiser.unet.load_state_dict(load_file(str(path)))
+    if config["kind"] == "edm":
+        denoiser = EDMDenoiser.from_config(config["unet"], config["sigma_data"])
+    elif config["kind"] == "vp":
+        denoiser = load_vp_teacher(config["source"])[0]
+    elif config["kind"] == "edm_pickle":
+        denoiser = load_edm_pickle(config["source"], config["edm_code"])
+    else:
+        raise ValueError(f"{path}: unknown denoiser kind {config['kind']!r}")
+    denoiser.load_state_dict(load_file(str(path)))
     return denoiser.to(device).eval().requires_grad_(False)
+
+
+def load_teacher(source: str | Path, device="cpu", edm_code: str | Path | None = None) -> nn.Module:
+    """A teacher from any of the three sources: our ``.safetensors`` file, NVIDIA EDM's ``.pkl`` (with
+    ``edm_code``, a local clone of their code), or a diffusers VP model folder / hub id."""
+    source = str(source)
+    if source.endswith(".pkl"):
+        if edm_code is None:
+            raise ValueError(f"{source} is an EDM pickle: also give edm_code, a local clone of github.com/NVlabs/edm")
+        return load_edm_pickle(source, edm_code).to(device)
+    if source.endswith(".safetensors"):
+        return load_denoiser(source, device)
+    denoiser, _ = load_vp_teacher(source)
+    return denoiser.to(device).eval().requires_grad_(False)
+
+
+def image_shape(denoiser: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a denoiser takes."""
+    if isinstance(denoiser, EDMPickleDenoiser):
+        return (denoiser.net.img_channels, denoiser.net.img_resolution, denoiser.net.img_resolution)
+    config = denoiser.unet.config
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    return (config.in_channels, size, size)
 
 
 def _existing(path: str | Path) -> Path:

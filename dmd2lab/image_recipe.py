@@ -26,9 +26,9 @@ from torch import Tensor
 from . import image_data, image_metrics
 from .diffusion import NoiseSchedule, edm_sampler
 from .dmd import GANHead
-from .image_models import (UNET_PRESETS, EDMDenoiser, OneStepGenerator, edm_sigmas, load_denoiser, read_metadata,
-                           save_denoiser, trainable_copy)
-from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings
+from .image_models import (UNET_PRESETS, EDMDenoiser, OneStepGenerator, VPDenoiser, edm_sigmas, image_shape,
+                           load_denoiser, load_teacher, read_metadata, save_denoiser, trainable_copy)
+from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings, bind
 from .train import Player, Trainer, TrainConfig
 
 
@@ -39,6 +39,7 @@ class TeacherConfig:
     dataset: str = "fmnist"
     data_root: str | None = None
     unet: str = "fmnist"
+    class_conditional: bool = False
     steps: int = 20000
     batch_size: int = 128
     lr: float = 1e-3
@@ -64,6 +65,7 @@ class DistillConfig:
     dataset: str = "fmnist"
     data_root: str | None = None
     teacher: str = "data/fmnist_teacher.safetensors"
+    edm_code: str | None = None
     steps: int = 5000
     batch_size: int = 64
     lr: float = 2e-5
@@ -182,12 +184,13 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenois
     torch.manual_seed(config.seed)
     data = image_data.load_images(config.dataset, "train", config.data_root)
     info = data.info
-    unet = dict(UNET_PRESETS[config.unet])
+    unet = dict(UNET_PRESETS[config.unet], num_class_embeds=info.num_classes if config.class_conditional else None)
     if unet["in_channels"] != info.channels or unet["sample_size"] != info.resolution:
         raise ValueError(f"unet preset {config.unet!r} takes {unet['in_channels']}x{unet['sample_size']}^2 images but "
                          f"{config.dataset} is {info.channels}x{info.resolution}^2; pick the matching preset")
     denoiser = _prepare_module(EDMDenoiser.from_config(unet, config.sigma_data).to(device), config)
-    sampler = image_data.real_sampler(data, info.resolution, device)
+    sampler = labelled_sampler(data, device) if config.class_conditional else image_data.real_sampler(
+        data, info.resolution, device)
     objective = DenoiserObjective(
         denoiser, sampler, NoiseSchedule.karras(), config.batch_size, "edm", config.sigma_data,
         sigma_sampler=lambda n, rng: edm_sigmas(n, rng, config.p_mean, config.p_std))
@@ -201,6 +204,16 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenois
             "device": _device_name(device)}
     path = save_denoiser(teacher, Path(out_dir) / "teacher.safetensors", meta)
     return teacher, path
+
+
+def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Tensor, dict]]:
+    """Real images with their labels as conditioning keywords: (x, {"class_labels": y})."""
+    draw = image_data.real_sampler(data, data.info.resolution, device, with_labels=True)
+
+    def sample(n: int, rng: torch.Generator) -> tuple[Tensor, dict]:
+        images, labels = draw(n, rng)
+        return images, {"class_labels": labels.to(device)}
+    return sample
 
 
 def _train_config(config) -> TrainConfig:
@@ -238,36 +251,52 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
     ``trainer.fit()`` runs it and resumes from ``out_dir``'s last checkpoint."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    teacher = load_denoiser(config.teacher, device)
-    if teacher.num_classes:
-        raise NotImplementedError(f"{config.teacher} is class-conditional; DMD2 distillation here takes "
-                                  "unconditional teachers")
+    teacher = load_teacher(config.teacher, device, config.edm_code)
     data = image_data.load_images(config.dataset, "train", config.data_root) if data is None else data
     info = data.info
-    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
+    shape = image_shape(teacher)
     if shape != (info.channels, info.resolution, info.resolution):
         raise ValueError(f"teacher {config.teacher} makes {shape} images but {config.dataset} is "
                          f"{(info.channels, info.resolution, info.resolution)}; use a teacher of this dataset")
     student = load_denoiser(generator_init, device) if generator_init else teacher
-    generator = OneStepGenerator(_prepare_module(trainable_copy(student), config), config.sigma_max)
+    schedule, critic_weighting = teacher_schedule(teacher, config)
+    generator = OneStepGenerator(_prepare_module(trainable_copy(student), config), float(schedule.sigmas[-1]))
     critic_net = _prepare_module(trainable_copy(teacher), config)
+    probe = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if teacher.num_classes else {}
     with torch.no_grad():
-        feature_shape = critic_net.features(torch.zeros((1,) + shape, device=device), 1.0).shape[1:]
+        feature_shape = critic_net.features(torch.zeros((1,) + shape, device=device), 1.0, **probe).shape[1:]
     critic = CriticWithHead(critic_net, GANHead(feature_shape).to(device))
     gan = config.gan_generator_weight > 0 or config.gan_discriminator_weight > 0
-    settings = DMD2Settings(batch_size=config.batch_size, critic_weighting="edm", sigma_data=teacher.sigma_data,
+    settings = DMD2Settings(batch_size=config.batch_size, critic_weighting=critic_weighting,
+                            sigma_data=getattr(teacher, "sigma_data", 0.5),
                             dm_weight=config.dm_weight, gan_generator_weight=config.gan_generator_weight,
                             gan_discriminator_weight=config.gan_discriminator_weight)
-    real = image_data.real_sampler(data, info.resolution, device) if gan else None
+    # A class-conditional teacher (DMD2 ImageNet-64) gives a class-conditional generator, critic and GAN head:
+    # every generator sample gets a uniformly drawn label, every real image its own.
+    classes = teacher.num_classes
+    if classes:
+        real = labelled_sampler(data, device)
+        conditions = lambda n, rng: {"class_labels": torch.randint(  # noqa: E731
+            0, classes, (n,), generator=rng, device=rng.device).to(device)}
+    else:
+        real, conditions = image_data.real_sampler(data, info.resolution, device), None
     objective = DMD2Objective(
-        generator, critic, teacher, NoiseSchedule.karras(config.schedule_size, config.sigma_min, config.sigma_max),
-        lambda n, rng: torch.randn((n,) + shape, generator=rng, device=rng.device).to(device), settings,
-        sample_real=real)
+        generator, critic, teacher, schedule, lambda n, rng: torch.randn((n,) + shape, generator=rng, device=rng.device).to(device), settings,
+        sample_real=real if gan else None, sample_conditions=conditions)
     players = objective.players(config.lr, config.lr, config.ratio, warmup_steps=config.warmup_steps,
                                 grad_clip=config.grad_clip, ema_decay=config.ema_decay)
     evaluate = _fid_evaluator(config, device) if config.eval_every else None
     trainer = Trainer(objective, players, _train_config(config), out_dir, evaluate=evaluate)
     return Distillation(trainer, generator, critic, teacher, config, data)
+
+
+def teacher_schedule(teacher, config: DistillConfig) -> tuple[NoiseSchedule, str]:
+    """The noise table DMD2 draws its timesteps from, and the critic's loss weighting: EDM teachers use the 1000-level
+    Karras table with EDM's weighting (DMD2 ImageNet-64); a pretrained VP model its own scheduler's table with the
+    epsilon loss (DMD2's text models), so t never leaves the range it was trained on."""
+    if isinstance(teacher, VPDenoiser):
+        return NoiseSchedule(teacher.log_sigmas.exp().cpu()), "eps"
+    return NoiseSchedule.karras(config.schedule_size, config.sigma_min, config.sigma_max), "edm"
 
 
 def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Path | None = None
@@ -277,7 +306,7 @@ def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Pa
     run = build_distillation(config, out_dir, generator_init)
     run.trainer.fit()
     generator = run.trainer.module("generator")
-    meta = {"role": "student", "dataset": config.dataset, "sigma": config.sigma_max, "steps": run.trainer.step,
+    meta = {"role": "student", "dataset": config.dataset, "sigma": generator.sigma, "steps": run.trainer.step,
             "config": dataclasses.asdict(config), "train_seconds": run.trainer.history[-1]["elapsed_s"],
             "device": _device_name(resolve_device(config.device))}
     return run, save_denoiser(generator.denoiser, Path(out_dir) / "student.safetensors", meta)
@@ -296,33 +325,42 @@ def _fid_evaluator(config: DistillConfig, device) -> Callable[[Trainer], dict[st
 
 # ----------------------------------------------------------------------------------------- sampling
 def one_step_samples(generator: Callable[[Tensor], Tensor], n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
-    """n samples of a one-step generator from the noise of ``seed`` (the same noise as :func:`teacher_samples`)."""
-    noise = fixed_noise(n, _image_shape(generator), seed, _device_of(generator))
+    """n samples of a one-step generator from the noise (and, if class-conditional, labels) of ``seed`` (the same
+    as :func:`teacher_samples`)."""
+    noise, conditions = fixed_noise(n, image_shape(_denoiser_of(generator)), seed, _device_of(generator),
+                                    _denoiser_of(generator).num_classes)
     with torch.no_grad():
-        return torch.cat([generator(z) for z in noise.split(batch_size)])
+        return torch.cat([generator(z, **c) for z, c in _batches(noise, conditions, batch_size)])
 
 
 def teacher_samples(teacher: Callable, n: int, num_steps: int, seed: int = 0, batch_size: int = 256,
                     sigma_max: float = 80.0) -> Tensor:
     """n samples of EDM's deterministic Heun sampler with ``num_steps`` steps (2 num_steps - 1 evaluations; 1 step =
-    the teacher's one-step output D(sigma_max z, sigma_max)), from the noise of ``seed``."""
-    noise = fixed_noise(n, _image_shape(teacher), seed, _device_of(teacher))
+    the teacher's one-step output D(sigma_max z, sigma_max)), from the noise (and labels) of ``seed``."""
+    noise, conditions = fixed_noise(n, image_shape(teacher), seed, _device_of(teacher), teacher.num_classes)
     with torch.no_grad():
-        return torch.cat([edm_sampler(teacher, z, num_steps, sigma_max=sigma_max) for z in noise.split(batch_size)])
+        return torch.cat([edm_sampler(bind(teacher, c), z, num_steps, sigma_max=sigma_max)
+                          for z, c in _batches(noise, conditions, batch_size)])
 
 
-def fixed_noise(n: int, shape: tuple[int, ...], seed: int, device) -> Tensor:
-    """Standard normal noise drawn on the CPU from ``seed``, so every device and model sees the same noise."""
-    return torch.randn((n,) + tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
+def fixed_noise(n: int, shape: tuple[int, ...], seed: int, device, num_classes: int | None = None
+                ) -> tuple[Tensor, dict]:
+    """Standard normal noise (and uniform class labels when ``num_classes``) drawn on the CPU from ``seed``, so every
+    device and model sees the same noise. Returns (noise, conditioning keywords)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n,) + tuple(shape), generator=g).to(device)
+    if not num_classes:
+        return noise, {}
+    return noise, {"class_labels": torch.randint(0, num_classes, (n,), generator=g).to(device)}
+
+
+def _batches(noise: Tensor, conditions: dict, batch_size: int):
+    for start in range(0, noise.shape[0], batch_size):
+        yield noise[start:start + batch_size], {k: v[start:start + batch_size] for k, v in conditions.items()}
 
 
 def _denoiser_of(model):
     return getattr(model, "denoiser", model)
-
-
-def _image_shape(model) -> tuple[int, int, int]:
-    config = _denoiser_of(model).unet.config
-    return (config.in_channels, config.sample_size, config.sample_size)
 
 
 def _device_of(model) -> torch.device:
@@ -435,7 +473,7 @@ def dm_gradient_pictures(x: Tensor, real: Callable, fake: Callable, sigma: float
     """What the DM loss sees for generator samples ``x`` at one noise level (DMD2 eq. 2): x_t = x + sigma eps, the
     teacher's and the critic's x0 at x_t, and the update direction real_x0 - fake_x0 that the DM loss moves x
     along."""
-    noise = fixed_noise(x.shape[0], tuple(x.shape[1:]), seed, x.device)
+    noise, _ = fixed_noise(x.shape[0], tuple(x.shape[1:]), seed, x.device)
     sigmas = torch.full((x.shape[0],), float(sigma), device=x.device)
     with torch.no_grad():
         x_t = x + sigma * noise

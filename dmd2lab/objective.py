@@ -5,6 +5,7 @@ sampler and a noise schedule, so every backend trains through the same two class
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,12 +126,23 @@ class CriticWithHead(nn.Module):
         # optimizer or checkpoint.
         self.__dict__["_features"] = features
 
-    def forward(self, x: Tensor, sigma) -> Tensor:
-        return self.critic(x, sigma)
+    def forward(self, x: Tensor, sigma, **conditions) -> Tensor:
+        return self.critic(x, sigma, **conditions)
 
-    def logits(self, x: Tensor, sigma) -> Tensor:
+    def logits(self, x: Tensor, sigma, **conditions) -> Tensor:
         features = self._features if self._features is not None else self.critic.features
-        return self.head(features(x, sigma))
+        return self.head(features(x, sigma, **conditions))
+
+
+def bind(fn: Callable, conditions: dict) -> Callable:
+    """``fn`` with the conditioning keywords fixed (class labels, text embeddings), so the DMD2 losses, which call
+    denoisers as ``D(x_t, sigma)``, never see them; ``fn`` itself when there are none."""
+    return functools.partial(fn, **conditions) if conditions else fn
+
+
+def concat_conditions(a: dict, b: dict) -> dict:
+    """Two batches' conditioning keywords joined along the batch, nested dicts too (SDXL's added_cond_kwargs)."""
+    return {k: concat_conditions(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
 
 
 class DMD2Objective:
@@ -142,6 +154,9 @@ class DMD2Objective:
     oracle), in which case there is no critic player. ``sample_latents(n, rng)`` draws generator inputs (for a
     multi-step student: standard normal noise of the data's shape); ``sample_real(n, rng)`` draws real data
     (needed by the GAN and by a multi-step student trained without backward simulation).
+    ``sample_conditions(n, rng) -> dict`` makes the distillation conditional (DMD2 ImageNet-64: class labels; text
+    to image: prompt embeddings): its keywords go to the generator, the teacher and the critic alike for each
+    generator sample, and ``sample_real`` must then return (real data, the real data's own conditions dict).
     ``regression_pairs`` = (z, y): teacher ODE noise -> sample pairs for DMD1's regression loss.
     ``log_density_ratio(x_t, sigma)`` -> log p_t / q_t per sample, for an f-divergence other than reverse KL (None =
     the GAN head's logit, the optimal discriminator's estimate of that log ratio).
@@ -155,7 +170,8 @@ class DMD2Objective:
                  sample_latents: Callable[[int, torch.Generator], Tensor], settings: DMD2Settings,
                  regression_pairs: tuple[Tensor, Tensor] | None = None,
                  sample_real: Callable[[int, torch.Generator], Tensor] | None = None, keep_inputs: int = 0,
-                 log_density_ratio: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 log_density_ratio: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 sample_conditions: Callable[[int, torch.Generator], dict] | None = None):
         if settings.regression_weight > 0 and regression_pairs is None:
             raise ValueError("regression_weight > 0 needs regression_pairs=(noise, teacher_samples)")
         if isinstance(fake, nn.Module) and not any(p.requires_grad for p in fake.parameters()):
@@ -186,6 +202,10 @@ class DMD2Objective:
         self.generator, self.fake, self.real, self.schedule = generator, fake, real, schedule
         self.sample_latents, self.settings = sample_latents, settings
         self.sample_real, self.keep_inputs = sample_real, keep_inputs
+        if sample_conditions is not None and settings.regression_weight > 0:
+            raise ValueError("regression_weight (DMD1's loss on unconditional teacher pairs) does not take "
+                             "sample_conditions; use one or the other")
+        self.sample_conditions = sample_conditions
         self.recent_inputs: dict[int, list[Tensor]] = {}
         self.regression = (RegressionObjective(generator, regression_pairs, settings.batch_size)
                            if settings.regression_weight > 0 else None)
@@ -195,59 +215,75 @@ class DMD2Objective:
         ``ema_decay`` which only the generator gets."""
         return ttur_players(self.generator, self.fake, lr_generator, lr_critic, ratio, **kwargs)
 
+    def _real_batch(self, n: int, rng: torch.Generator) -> tuple[Tensor, dict]:
+        real = self.sample_real(n, rng)
+        if self.sample_conditions is None:
+            return real, {}
+        if not (isinstance(real, tuple) and len(real) == 2 and isinstance(real[1], dict)):
+            raise TypeError("with sample_conditions, sample_real must return (real data, its conditions dict)")
+        return real
+
     def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
         s = self.settings
         z = self.sample_latents(s.batch_size, rng)
+        conditions = self.sample_conditions(z.shape[0], rng) if self.sample_conditions is not None else {}
         context = {}
         if s.gan:
-            context["real"] = self.sample_real(z.shape[0], rng)
+            context["real"], context["real_conditions"] = self._real_batch(z.shape[0], rng)
         if s.student_sigmas is None:
+            context["conditions"] = conditions
             with torch.set_grad_enabled("generator" in updating):
-                context["x"] = self.generator(z)
+                context["x"] = self.generator(z, **conditions)
             return context
         # DP-DMD: the DM loss trains steps 1.. only; step 0 learns the teacher's prediction on every update.
         first = 1 if s.first_step_target_prediction else 0
         k = int(torch.randint(first, len(s.student_sigmas), (), generator=rng, device=rng.device))
         if s.backward_simulation:
-            student_input = dmd.backward_simulation(self.generator, z, s.student_sigmas, k, rng)
+            student_input = dmd.backward_simulation(bind(self.generator, conditions), z, s.student_sigmas, k, rng)
         else:
-            student_input = add_noise(self.sample_real(z.shape[0], rng), s.student_sigmas[k], z)
+            # The student's input is a real sample noised, so it is conditioned on that sample's own conditions.
+            real, conditions = self._real_batch(z.shape[0], rng)
+            student_input = add_noise(real, s.student_sigmas[k], z)
+        context["conditions"] = conditions
         if self.keep_inputs:
             kept = self.recent_inputs.setdefault(k, [])
             kept.append(student_input.detach().cpu())
             del kept[:-self.keep_inputs]
         sigma = torch.full((z.shape[0],), s.student_sigmas[k], device=z.device)
         with torch.set_grad_enabled("generator" in updating):
-            context["x"] = self.generator(student_input, sigma)
+            context["x"] = self.generator(student_input, sigma, **conditions)
         if s.first_step_target_prediction and "generator" in updating:
             noise = torch.randn(z.shape, generator=rng, device=z.device, dtype=z.dtype)
             first_input = noise * s.student_sigmas[0]
             first_sigma = torch.full((z.shape[0],), s.student_sigmas[0], device=z.device)
-            context["first_step"] = (first_input, first_sigma, self.generator(first_input, first_sigma))
+            context["first_step"] = (first_input, first_sigma, self.generator(first_input, first_sigma, **conditions))
         return context
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
         s = self.settings
         if name == "critic":
             return self._critic_loss(context, rng)
+        conditions = context["conditions"]
+        real, fake = bind(self.real, conditions), bind(self.fake, conditions)
         if s.dm_weight > 0:
             weighting = None
             if s.divergence != "reverse_kl":
+                log_ratio = bind(self.log_density_ratio, conditions)
                 weighting = lambda x_t, sigma: followups.f_divergence_weights(  # noqa: E731
-                    self.log_density_ratio(x_t, sigma).reshape(x_t.shape[0]), s.divergence)
-            loss, logs = dmd.distribution_matching_step(context["x"], self.real, self.fake, self.schedule,
+                    log_ratio(x_t, sigma).reshape(x_t.shape[0]), s.divergence)
+            loss, logs = dmd.distribution_matching_step(context["x"], real, fake, self.schedule,
                                                         s.dm_timesteps, rng, weighting)
             loss = s.dm_weight * loss
         else:
             loss, logs = context["x"].new_zeros(()), {}
         if s.gan_generator_weight > 0:
-            gan = dmd.gan_generator_loss(dmd.gan_logits(self.fake.logits, context["x"], self.schedule,
+            gan = dmd.gan_generator_loss(dmd.gan_logits(bind(self.fake.logits, conditions), context["x"], self.schedule,
                                                         s.gan_timesteps, rng))
             logs["gan_generator_loss"] = gan.detach()
             loss = loss + s.gan_generator_weight * gan
         if "first_step" in context:
             first_input, first_sigma, first_x0 = context["first_step"]
-            first = followups.first_step_target_loss(first_x0, self.real, first_input, first_sigma)
+            first = followups.first_step_target_loss(first_x0, real, first_input, first_sigma)
             logs["first_step_loss"] = first.detach()
             loss = loss + first
         if self.regression is not None:
@@ -258,13 +294,14 @@ class DMD2Objective:
 
     def _critic_loss(self, context: dict, rng: torch.Generator):
         s = self.settings
-        loss, logs = dmd.fake_score_loss(self.fake, context["x"], self.schedule, s.critic_weighting, s.sigma_data,
-                                         s.critic_timesteps, rng)
+        loss, logs = dmd.fake_score_loss(bind(self.fake, context["conditions"]), context["x"], self.schedule,
+                                         s.critic_weighting, s.sigma_data, s.critic_timesteps, rng)
         if s.gan:
             # One head call on real and fake together: each sample is re-noised independently either way.
             both = torch.cat([context["real"], context["x"].detach()])
-            real_logits, fake_logits = dmd.gan_logits(self.fake.logits, both, self.schedule, s.gan_timesteps,
-                                                      rng).chunk(2)
+            conditions = concat_conditions(context["real_conditions"], context["conditions"])
+            real_logits, fake_logits = dmd.gan_logits(bind(self.fake.logits, conditions), both, self.schedule,
+                                                      s.gan_timesteps, rng).chunk(2)
             gan = dmd.gan_discriminator_loss(real_logits, fake_logits)
             logs.update(gan_discriminator_loss=gan.detach(),
                         discriminator_accuracy=0.5 * ((real_logits > 0).float().mean()
@@ -370,7 +407,8 @@ class RegressionObjective:
 class DenoiserObjective:
     """Denoising score matching on data samples: how our teachers are trained (EDM eq. 2). Noise levels come from
     the schedule's table (t uniform), or from ``sigma_sampler(n, rng)`` (EDM's log-normal,
-    :func:`dmd2lab.image_models.edm_sigmas`)."""
+    :func:`dmd2lab.image_models.edm_sigmas`). ``sample_data`` may return (x0, conditions dict) for a conditional
+    denoiser (class labels)."""
 
     def __init__(self, denoiser: nn.Module, sample_data: Callable[[int, torch.Generator], Tensor],
                  schedule: NoiseSchedule, batch_size: int = 256, weighting: str = "edm", sigma_data: float = 0.5,
@@ -383,12 +421,13 @@ class DenoiserObjective:
         return {"x0": self.sample_data(self.batch_size, rng)}
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
-        x0 = context["x0"]
+        x0, conditions = context["x0"] if isinstance(context["x0"], tuple) else (context["x0"], {})
+        denoiser = bind(self.denoiser, conditions)
         if self.sigma_sampler is None:
-            return dmd.denoising_score_matching(self.denoiser, x0, self.schedule, self.weighting,
+            return dmd.denoising_score_matching(denoiser, x0, self.schedule, self.weighting,
                                                 self.sigma_data, generator=rng)
         sigma = self.sigma_sampler(x0.shape[0], rng).to(x0.device)
         noise = torch.randn(x0.shape, generator=rng, device=rng.device, dtype=x0.dtype).to(x0.device)
-        loss = dmd.denoising_loss(self.denoiser(add_noise(x0, sigma, noise), sigma), x0, sigma, self.weighting,
+        loss = dmd.denoising_loss(denoiser(add_noise(x0, sigma, noise), sigma), x0, sigma, self.weighting,
                                   self.sigma_data)
         return loss, {"denoising_loss": loss.detach()}

@@ -118,3 +118,47 @@ def test_a_student_samples_in_one_step_only(teacher, tmp_path):
         recipe.file_sampler(tmp_path / "student.safetensors", 4, "cpu")
     sample, nfe, meta = recipe.file_sampler(tmp_path / "student.safetensors", None, "cpu")
     assert nfe == 1 and sample(3, 0).shape == (3, 1, 32, 32)
+
+
+def test_class_conditional_teacher_and_distillation(tmp_path):
+    """DMD2's ImageNet-64 setting: a class-conditional teacher, so generator, critic and GAN head are conditioned,
+    each generator sample on a drawn label and each real image on its own."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    assert main(["train-teacher", "--out", str(teacher_dir), "--set", *TINY_TEACHER, "class_conditional=True"]) == 0
+    teacher = teacher_dir / "teacher.safetensors"
+    assert read_metadata(teacher)[0]["unet"]["num_class_embeds"] == 10
+    run = recipe.build_distillation(recipe.load_config("distill", None, dict(
+        teacher=str(teacher), data_root=MINI, steps=2, batch_size=4, progress=False, checkpoint_every=0)))
+    seen = []
+    critic = run.critic.critic
+    original = critic.forward
+    critic.forward = lambda x, sigma, class_labels=None: seen.append(class_labels) or original(x, sigma, class_labels)
+    run.trainer.fit()
+    assert seen and all(labels is not None and labels.shape == (4,) for labels in seen)
+    assert main(["distill", "--out", str(student_dir), "--set", *tiny_distill(teacher, "steps=2")]) == 0
+    sample, nfe, _ = recipe.file_sampler(student_dir / "student.safetensors", None, "cpu")
+    assert sample(5, 0).shape == (5, 1, 32, 32)
+    a, b = recipe.fixed_noise(6, (1, 2, 2), 3, "cpu", 10), recipe.fixed_noise(6, (1, 2, 2), 3, "cpu", 10)
+    assert torch.equal(a[1]["class_labels"], b[1]["class_labels"]) and a[1]["class_labels"].max() < 10
+
+
+def test_distil_a_pretrained_diffusers_vp_model(tmp_path, monkeypatch):
+    """A DDPM-style diffusers folder as the teacher: DMD2 runs on its own scheduler's table (generator at its
+    largest sigma, epsilon-weighted critic), and the student file reloads from that folder plus its own weights."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    folder = tmp_path / "ddpm"
+    UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                add_attention=False).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    config = recipe.load_config("distill", None, dict(teacher=str(folder), data_root=MINI, steps=2, batch_size=4,
+                                                      progress=False, checkpoint_every=0, log_every=1))
+    run, path = recipe.distill(config, tmp_path / "run")
+    schedule, weighting = recipe.teacher_schedule(run.teacher, config)
+    assert weighting == "eps" and run.generator.sigma == pytest.approx(float(schedule.sigmas[-1]))
+    assert run.generator.sigma > 100  # DDPM's linear betas end near sigma 157, not EDM's 80
+    reloaded, _ = recipe.load_sampler(path)
+    z = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(reloaded(z), run.generator(z))
