@@ -55,6 +55,7 @@ class TeacherConfig:
     compile: bool = False
     log_every: int = 100
     checkpoint_every: int = 1000
+    time_limit_s: float = 0.0
     progress: bool = True
 
 
@@ -89,6 +90,7 @@ class DistillConfig:
     eval_every: int = 0
     eval_images: int = 1000
     classifier: str | None = None
+    time_limit_s: float = 0.0
     progress: bool = True
 
 
@@ -219,7 +221,8 @@ def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Ten
 def _train_config(config) -> TrainConfig:
     return TrainConfig(steps=config.steps, seed=config.seed, log_every=config.log_every,
                        eval_every=getattr(config, "eval_every", 0), checkpoint_every=config.checkpoint_every,
-                       progress=config.progress, mixed_precision=config.mixed_precision)
+                       progress=config.progress, mixed_precision=config.mixed_precision,
+                       time_limit_s=config.time_limit_s)
 
 
 def _device_name(device: torch.device) -> str:

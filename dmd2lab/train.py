@@ -78,7 +78,10 @@ class Objective(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Loop settings. ``steps`` counts loop iterations (DMD2 reports critic steps, which are these)."""
+    """Loop settings. ``steps`` counts loop iterations (DMD2 reports critic steps, which are these).
+    ``time_limit_s`` (0 = none) ends a run cleanly once this much wall time has passed in this process: the step in
+    hand finishes, is logged and checkpointed, and ``fit`` returns (a batch job's time limit without losing work;
+    the next ``fit`` resumes there)."""
 
     steps: int
     seed: int = 0
@@ -89,8 +92,11 @@ class TrainConfig:
     progress: bool = False
     tensorboard: bool = False
     mixed_precision: str = "no"
+    time_limit_s: float = 0.0
 
     def __post_init__(self):
+        if not self.time_limit_s >= 0:
+            raise ValueError(f"TrainConfig.time_limit_s must be >= 0 seconds (0 = no limit); got {self.time_limit_s!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"TrainConfig.mixed_precision must be 'no' or 'bf16'; got {self.mixed_precision!r}")
         for name in ("steps", "log_every"):
@@ -145,18 +151,22 @@ class Trainer:
         from tqdm.auto import tqdm
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.config.progress, desc="train")
         started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        deadline = time.perf_counter() + self.config.time_limit_s if self.config.time_limit_s else math.inf
         while self.step < self.config.steps:
             self._train_step()
             self.step += 1
             bar.update(1)
             if self.config.eval_every and self.step % self.config.eval_every == 0 and self.evaluate:
                 self._record(self.evaluate(self))
-            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+            out_of_time = time.perf_counter() >= deadline
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps or out_of_time:
                 row = self._flush_log(time.perf_counter() - started)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
-            if self.out_dir is not None and (self.step == self.config.steps or (
+            if self.out_dir is not None and (self.step == self.config.steps or out_of_time or (
                     self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0)):
                 self.save()
+            if out_of_time:
+                break
         bar.close()
         if self._writer is not None:
             self._writer.close()

@@ -8,7 +8,7 @@ from torch import nn
 
 from dmd2lab import toy2d, toy_experiments as tx
 from dmd2lab.diffusion import NoiseSchedule
-from dmd2lab.objective import DMD2Objective, DMD2Settings
+from dmd2lab.objective import DenoiserObjective, DMD2Objective, DMD2Settings
 from dmd2lab.train import CheckpointError, NonFiniteError, Player, TrainConfig, Trainer, latest_checkpoint
 
 torch.set_num_threads(1)
@@ -263,3 +263,29 @@ def test_a_frozen_critic_module_is_refused():
     with pytest.raises(ValueError, match="no trainable parameters"):
         DMD2Objective(toy2d.MLPGenerator(hidden=8), frozen, data.denoise, NoiseSchedule.geometric(10, 0.1, 1),
                       lambda n, rng: torch.randn(n, 2), DMD2Settings())
+
+
+def test_time_limit_ends_cleanly_with_a_checkpoint_and_resumes(tmp_path):
+    """A batch job's wall-clock limit: fit returns after the step in hand, logged and checkpointed; the next fit
+    resumes there and reaches the same state as a run without a limit."""
+    import time as _time
+
+    def run(limit, out):
+        torch.manual_seed(0)
+        net = toy2d.MLPDenoiser(2, hidden=8, depth=1)
+        slow = lambda n, rng: (_time.sleep(0.02), torch.randn(n, 2, generator=rng))[1]  # noqa: E731
+        objective = DenoiserObjective(net, slow, NoiseSchedule.geometric(10, 0.1, 1.0), batch_size=4)
+        trainer = Trainer(objective, {"d": Player(net, 1e-2)}, TrainConfig(steps=30, log_every=10,
+                                                                             time_limit_s=limit), out)
+        trainer.fit()
+        return trainer, net
+
+    stopped, _ = run(0.1, tmp_path / "a")
+    assert 0 < stopped.step < 30 and (tmp_path / "a" / "latest").read_text().strip() == f"step-{stopped.step:08d}"
+    assert stopped.history[-1]["step"] == stopped.step
+    resumed, net = run(0.0, tmp_path / "a")
+    whole, net_whole = run(0.0, tmp_path / "b")
+    assert resumed.step == 30
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net_whole.parameters()))
+    with pytest.raises(ValueError, match="time_limit_s"):
+        TrainConfig(steps=1, time_limit_s=-1)
