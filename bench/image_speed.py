@@ -81,7 +81,7 @@ def bench_preset(preset: str, args, device: torch.device, folder: Path) -> dict:
                                                      torch.zeros((2,) + shape, device=device)) / 1e6
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
     with autocast:
-        student = sampling_speed(lambda n: recipe.one_step_samples(run.generator, n, 0, args.sample_batch),
+        student = sampling_speed(lambda n: run.sample(n, 0, args.sample_batch),
                                  args.sample_images, args.sample_batch, device)
         heun = sampling_speed(lambda n: recipe.teacher_samples(teacher, n, args.teacher_steps, 0, args.sample_batch),
                               max(args.sample_images // 8, args.sample_batch), args.sample_batch, device)

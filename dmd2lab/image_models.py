@@ -181,16 +181,22 @@ class VPDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
         x_vp, t, alpha = self._vp_input(x, sigma)
-        out = self.unet(x_vp, t.to(x.dtype), class_labels=class_labels).sample
+        out = self.unet(x_vp, _timestep_dtype(t, x), class_labels=class_labels).sample
         out = out[:, :x.shape[1]]
         return x0_from_vp_prediction(x_vp, out, alpha, self.prediction_type)
 
     def features(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
         x_vp, t, _ = self._vp_input(x, sigma)
-        return bottleneck(lambda: self.unet(x_vp, t.to(x.dtype), class_labels=class_labels), self.unet.mid_block)
+        return bottleneck(lambda: self.unet(x_vp, _timestep_dtype(t, x), class_labels=class_labels),
+                          self.unet.mid_block)
 
     def config(self) -> dict:
         return {"kind": "vp", "source": self.source}
+
+
+def _timestep_dtype(t: Tensor, x: Tensor) -> Tensor:
+    # At least float32: in bf16 a timestep of 998.6 would round to 1000.
+    return t.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def load_vp_teacher(path_or_id: str, subfolder: str | None = None) -> tuple[VPDenoiser, object]:
@@ -198,18 +204,28 @@ def load_vp_teacher(path_or_id: str, subfolder: str | None = None) -> tuple[VPDe
     pipeline folder (``unet/`` and ``scheduler/`` inside). Returns (denoiser, scheduler). Absent weights raise an
     error that says which folder and files are expected."""
     from diffusers import DDPMScheduler, UNet2DModel
-    root = Path(path_or_id)
-    unet_folder = subfolder if subfolder is not None else ("unet" if (root / "unet").is_dir() else None)
+
+    def load(cls, folder):
+        # A pipeline folder keeps the parts in unet/ and scheduler/; a bare model repo (google/ddpm-cifar10-32
+        # on the hub) keeps both configs at its root.
+        try:
+            return cls.from_pretrained(path_or_id, subfolder=folder)
+        except (OSError, ValueError) as first:
+            try:
+                return cls.from_pretrained(path_or_id)
+            except (OSError, ValueError):
+                raise first from None
+
     try:
-        unet = UNet2DModel.from_pretrained(path_or_id, subfolder=unet_folder)
-        scheduler = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler" if (
-            root / "scheduler").is_dir() or not root.exists() else None)
-    except (OSError, ValueError, EnvironmentError) as e:
+        unet = load(UNet2DModel, subfolder or "unet")
+        scheduler = load(DDPMScheduler, "scheduler")
+    except (OSError, ValueError) as e:
         raise FileNotFoundError(
-            f"could not load a diffusers VP model from {path_or_id!r} ({type(e).__name__}: {str(e)[:200]}). Put a "
-            "diffusers pipeline folder there (unet/config.json + unet/diffusion_pytorch_model.safetensors and "
-            "scheduler/scheduler_config.json), e.g. from `huggingface-cli download google/ddpm-cifar10-32 --local-dir "
-            "DIR` on a machine with internet; offline (HF_HUB_OFFLINE=1) only local folders load.") from e
+            f"could not load a diffusers VP model from {path_or_id!r} ({type(e).__name__}: {str(e)[:200]}). Put there "
+            "a diffusers pipeline folder (unet/config.json + unet/diffusion_pytorch_model.safetensors and "
+            "scheduler/scheduler_config.json) or a model folder with config.json, the weights and "
+            "scheduler_config.json at its root (e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR` "
+            "on a machine with internet); offline (HF_HUB_OFFLINE=1) only local folders load.") from e
     return VPDenoiser(unet, scheduler, str(path_or_id)), scheduler
 
 
@@ -259,11 +275,28 @@ def load_edm_pickle(path: str | Path, edm_code: str | Path) -> EDMPickleDenoiser
     try:
         with open(path, "rb") as f:
             data = pickle.load(f)
+    except (pickle.UnpicklingError, ModuleNotFoundError, AttributeError, EOFError) as e:
+        raise ValueError(f"{path} did not unpickle with the EDM code in {edm_code} ({type(e).__name__}: {e}); pass "
+                         "an EDM network pickle and a complete clone of github.com/NVlabs/edm (dnnlib/, torch_utils/, "
+                         "training/)") from e
     finally:
         sys.path.remove(str(edm_code))
     if not isinstance(data, dict) or "ema" not in data:
         raise ValueError(f"{path} is not an EDM network pickle (expected a dict with an 'ema' network)")
-    return EDMPickleDenoiser(data["ema"].eval().requires_grad_(False), str(path), str(edm_code))
+    return EDMPickleDenoiser(without_dropout(data["ema"]).eval().requires_grad_(False), str(path), str(edm_code))
+
+
+def without_dropout(net: nn.Module) -> nn.Module:
+    """``net`` with every dropout rate set to 0, in place: EDM's ImageNet-64 network was trained with dropout 0.1,
+    which its blocks apply whenever the module is in train mode; DMD2 fine-tunes the generator and critic copies with
+    dropout 0 (the distillation would otherwise see a different network each call)."""
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "label_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return net
 
 
 class OneStepGenerator(nn.Module):
@@ -310,8 +343,12 @@ def save_denoiser(denoiser: nn.Module, path: str | Path, metadata: dict | None =
 def read_metadata(path: str | Path) -> tuple[dict, dict]:
     """(config, metadata) stored in a denoiser file by :func:`save_denoiser`."""
     path = _existing(path)
-    with safe_open(str(path), "pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a file in another format or a torn one
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); sample and evaluate "
+                         "take the .safetensors files that train-teacher and distill write") from e
     if "dmd2lab_config" not in header:
         raise ValueError(f"{path} was not written by dmd2lab's save_denoiser (no dmd2lab_config in its header)")
     return json.loads(header["dmd2lab_config"]), json.loads(header.get("dmd2lab_metadata", "{}"))
@@ -331,7 +368,14 @@ def load_denoiser(path: str | Path, device="cpu") -> nn.Module:
         denoiser = load_edm_pickle(config["source"], config["edm_code"])
     else:
         raise ValueError(f"{path}: unknown denoiser kind {config['kind']!r}")
-    denoiser.load_state_dict(load_file(str(path)))
+    tensors = load_file(str(path))
+    expected = denoiser.state_dict()
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"{path}: its weights do not fit the network its header describes ({len(missing)} missing, "
+                         f"e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}); was it written by another "
+                         "version of dmd2lab? Re-export it with save_denoiser.")
+    denoiser.load_state_dict(tensors)
     return denoiser.to(device).eval().requires_grad_(False)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import image_data, image_metrics
-from .diffusion import NoiseSchedule, edm_sampler
+from .diffusion import NoiseSchedule, edm_sampler, sampler_evaluations
+from . import dmd
 from .dmd import GANHead
 from .image_models import (UNET_PRESETS, EDMDenoiser, OneStepGenerator, VPDenoiser, edm_sigmas, image_shape,
                            load_denoiser, load_teacher, read_metadata, save_denoiser, trainable_copy)
@@ -34,7 +36,8 @@ from .train import Player, Trainer, TrainConfig
 
 @dataclass
 class TeacherConfig:
-    """An EDM teacher on a dataset (EDM eq. 2, log-normal noise levels, EMA of the weights)."""
+    """An EDM teacher on a dataset (EDM eq. 2, log-normal noise levels, EMA of the weights). The optimiser is the
+    training loop's: AdamW with weight decay 0.01 and gradient clipping at 10 (EDM itself uses Adam, no clipping)."""
 
     dataset: str = "fmnist"
     data_root: str | None = None
@@ -61,7 +64,8 @@ class TeacherConfig:
 
 @dataclass
 class DistillConfig:
-    """DMD2 for a one-step image generator (defaults: DMD2's ImageNet-64 settings, DESIGN.md)."""
+    """DMD2 for an image generator (defaults: DMD2's ImageNet-64 settings, DESIGN.md): one step, or a
+    ``student_steps``-step student at timesteps T-1, T-1-T/K, ... with backward simulation (DMD2 Sec. 4.5)."""
 
     dataset: str = "fmnist"
     data_root: str | None = None
@@ -80,6 +84,8 @@ class DistillConfig:
     gan_generator_weight: float = 3e-3
     gan_discriminator_weight: float = 1e-2
     dm_weight: float = 1.0
+    student_steps: int = 1
+    backward_simulation: bool = True
     seed: int = 0
     device: str = "auto"
     mixed_precision: str = "no"
@@ -110,9 +116,13 @@ def load_config(kind: str, path: str | Path | None = None, overrides: dict | Non
             raise FileNotFoundError(f"config file {path} not found; the shipped ones are configs/fmnist.yaml, "
                                     "configs/cifar10.yaml and configs/imagenet64.yaml")
         loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict) or not isinstance(loaded.get(kind, {}), dict):
-            raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings")
-        values.update(loaded.get(kind) or {})
+        if not isinstance(loaded, dict) or not isinstance(loaded.get(kind), dict):
+            raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings (sections: "
+                             f"{', '.join(CONFIG_KINDS)})")
+        unknown_sections = sorted(set(loaded) - set(CONFIG_KINDS))
+        if unknown_sections:
+            raise ValueError(f"{path}: unknown section(s) {unknown_sections}; the sections are {', '.join(CONFIG_KINDS)}")
+        values.update(loaded[kind])
     values.update(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -135,6 +145,12 @@ def _checked_type(cls, f: dataclasses.Field, value):
     if value is None and "None" in kinds:
         return None
     base = next(k for k in kinds if k != "None")
+    if base == "float" and isinstance(value, str):
+        # YAML 1.1 reads 2e-6 (no dot) as a string; take it as the number it spells.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
     if not ok:
         raise ValueError(f"{cls.__name__}.{f.name} must be {base}{' or null' if 'None' in kinds else ''}; "
@@ -143,6 +159,12 @@ def _checked_type(cls, f: dataclasses.Field, value):
 
 
 def _validate(config):
+    """Every check that needs no file, so a bad setting fails before a dataset or a model is loaded."""
+    _train_config(config)  # the loop's own checks (mixed_precision, time_limit_s, checkpoint_every, ...)
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0; got {config.lr}")
+    if config.ema_decay is not None and not 0 < config.ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in (0, 1) or be null; got {config.ema_decay}")
     if config.dataset not in image_data.DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; expected one of {sorted(image_data.DATASETS)}")
     for name in ("steps", "batch_size", "log_every"):
@@ -151,13 +173,14 @@ def _validate(config):
     if isinstance(config, TeacherConfig) and config.unet not in UNET_PRESETS:
         raise ValueError(f"unknown unet preset {config.unet!r}; expected one of {sorted(UNET_PRESETS)}")
     if isinstance(config, DistillConfig):
+        if config.student_steps < 1:
+            raise ValueError(f"student_steps must be >= 1 (1 = DMD2's one-step generator); got {config.student_steps}")
+        if config.student_steps == 1 and not config.backward_simulation:
+            raise ValueError("backward_simulation=false only applies to a multi-step student (student_steps > 1)")
         if config.ratio < 1:
             raise ValueError(f"ratio (TTUR: critic updates per generator update) must be >= 1; got {config.ratio}")
         if not 0 < config.sigma_min < config.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max; got {config.sigma_min}, {config.sigma_max}")
-        if config.eval_every and not config.classifier:
-            raise ValueError("eval_every > 0 measures classifier FID: set classifier to a classifier file "
-                             "(data/fmnist_classifier.safetensors) or eval_every to 0")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -201,7 +224,8 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenois
                       _train_config(config), out_dir)
     trainer.fit()
     teacher = trainer.module("teacher")
-    meta = {"role": "teacher", "dataset": config.dataset, "steps": trainer.step,
+    _report_stop(trainer, config)
+    meta = {"role": "teacher", "dataset": config.dataset, "steps": trainer.step, "complete": trainer.step == config.steps,
             "config": dataclasses.asdict(config), "train_seconds": trainer.history[-1]["elapsed_s"],
             "device": _device_name(device)}
     path = save_denoiser(teacher, Path(out_dir) / "teacher.safetensors", meta)
@@ -216,6 +240,12 @@ def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Ten
         images, labels = draw(n, rng)
         return images, {"class_labels": labels.to(device)}
     return sample
+
+
+def _report_stop(trainer: Trainer, config):
+    if trainer.step < config.steps:
+        print(f"stopped by time_limit_s ({config.time_limit_s:g} s) at step {trainer.step}/{config.steps}; the model "
+              "written is that step's (its file says complete: false); run the same command again to resume")
 
 
 def _train_config(config) -> TrainConfig:
@@ -240,21 +270,28 @@ class Distillation:
     teacher: EDMDenoiser
     config: DistillConfig
     data: object = field(repr=False, default=None)
+    sigmas: tuple[float, ...] = ()
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
-        """n one-step samples (model range) from fixed noise."""
-        return one_step_samples(self.generator, n, seed, batch_size)
+        """n student samples (model range) from fixed noise."""
+        network = self.generator.denoiser if isinstance(self.generator, OneStepGenerator) else self.generator
+        return student_samples(network, self.sigmas, n, seed, batch_size)
 
 
 def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
-                       generator_init: str | Path | None = None, data=None) -> Distillation:
+                       generator_init: str | Path | None = None, data=None,
+                       evaluate: Callable[[Trainer], dict[str, float]] | None = None) -> Distillation:
     """DMD2 on images (Algorithm 1) from a teacher file: generator and critic are copies of the teacher (or the
     generator of ``generator_init``, e.g. a shipped student to continue), the GAN head reads the critic's mid-block.
-    ``data`` (an :class:`~dmd2lab.image_data.ImageData`) replaces the config's dataset, e.g. a subset.
+    ``data`` (an :class:`~dmd2lab.image_data.ImageData`) replaces the config's dataset, e.g. a subset;
+    ``evaluate(trainer) -> metrics`` replaces the config's classifier-FID evaluation (every ``eval_every`` steps).
     ``trainer.fit()`` runs it and resumes from ``out_dir``'s last checkpoint."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     teacher = load_teacher(config.teacher, device, config.edm_code)
+    if str(config.teacher).endswith(".safetensors") and read_metadata(config.teacher)[1].get("complete") is False:
+        warnings.warn(f"teacher {config.teacher} is an unfinished run (stopped by its time limit); distilling it "
+                      "distils that unfinished teacher")
     data = image_data.load_images(config.dataset, "train", config.data_root) if data is None else data
     info = data.info
     shape = image_shape(teacher)
@@ -263,7 +300,10 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
                          f"{(info.channels, info.resolution, info.resolution)}; use a teacher of this dataset")
     student = load_denoiser(generator_init, device) if generator_init else teacher
     schedule, critic_weighting = teacher_schedule(teacher, config)
-    generator = OneStepGenerator(_prepare_module(trainable_copy(student), config), float(schedule.sigmas[-1]))
+    sigmas = student_sigmas(schedule, config.student_steps)
+    network = _prepare_module(trainable_copy(student), config)
+    # One step: G(z) = D(sigma_max z, sigma_max). K steps (DMD2 Sec. 4.5): the denoiser itself, G(x_k, sigma_k).
+    generator = OneStepGenerator(network, sigmas[0]) if len(sigmas) == 1 else network
     critic_net = _prepare_module(trainable_copy(teacher), config)
     probe = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if teacher.num_classes else {}
     with torch.no_grad():
@@ -273,7 +313,9 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
     settings = DMD2Settings(batch_size=config.batch_size, critic_weighting=critic_weighting,
                             sigma_data=getattr(teacher, "sigma_data", 0.5),
                             dm_weight=config.dm_weight, gan_generator_weight=config.gan_generator_weight,
-                            gan_discriminator_weight=config.gan_discriminator_weight)
+                            gan_discriminator_weight=config.gan_discriminator_weight,
+                            student_sigmas=sigmas if len(sigmas) > 1 else None,
+                            backward_simulation=config.backward_simulation)
     # A class-conditional teacher (DMD2 ImageNet-64) gives a class-conditional generator, critic and GAN head:
     # every generator sample gets a uniformly drawn label, every real image its own.
     classes = teacher.num_classes
@@ -285,12 +327,23 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
         real, conditions = image_data.real_sampler(data, info.resolution, device), None
     objective = DMD2Objective(
         generator, critic, teacher, schedule, lambda n, rng: torch.randn((n,) + shape, generator=rng, device=rng.device).to(device), settings,
-        sample_real=real if gan else None, sample_conditions=conditions)
+        sample_real=real if gan or not settings.backward_simulation else None, sample_conditions=conditions)
     players = objective.players(config.lr, config.lr, config.ratio, warmup_steps=config.warmup_steps,
                                 grad_clip=config.grad_clip, ema_decay=config.ema_decay)
-    evaluate = _fid_evaluator(config, device) if config.eval_every else None
+    if evaluate is None and config.eval_every:
+        if not config.classifier:
+            raise ValueError("eval_every > 0 measures classifier FID: set classifier to a classifier file "
+                             "(data/fmnist_classifier.safetensors) or eval_every to 0")
+        evaluate = _fid_evaluator(config, device, sigmas)
     trainer = Trainer(objective, players, _train_config(config), out_dir, evaluate=evaluate)
-    return Distillation(trainer, generator, critic, teacher, config, data)
+    return Distillation(trainer, generator, critic, teacher, config, data, sigmas)
+
+
+def student_sigmas(schedule: NoiseSchedule, steps: int) -> tuple[float, ...]:
+    """A K-step student's noise levels, largest first, at timesteps T-1, T-1-T/K, ... of the schedule: DMD2's
+    999/749/499/249 for K = 4 and T = 1000; (sigma_max,) for the one-step generator."""
+    T = len(schedule)
+    return tuple(float(schedule.sigmas[T - 1 - k * (T // steps)]) for k in range(steps))
 
 
 def teacher_schedule(teacher, config: DistillConfig) -> tuple[NoiseSchedule, str]:
@@ -309,31 +362,37 @@ def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Pa
     run = build_distillation(config, out_dir, generator_init)
     run.trainer.fit()
     generator = run.trainer.module("generator")
-    meta = {"role": "student", "dataset": config.dataset, "sigma": generator.sigma, "steps": run.trainer.step,
+    network = generator.denoiser if isinstance(generator, OneStepGenerator) else generator
+    _report_stop(run.trainer, config)
+    meta = {"role": "student", "dataset": config.dataset, "sigmas": list(run.sigmas), "steps": run.trainer.step,
+            "complete": run.trainer.step == config.steps,
             "config": dataclasses.asdict(config), "train_seconds": run.trainer.history[-1]["elapsed_s"],
             "device": _device_name(resolve_device(config.device))}
-    return run, save_denoiser(generator.denoiser, Path(out_dir) / "student.safetensors", meta)
+    return run, save_denoiser(network, Path(out_dir) / "student.safetensors", meta)
 
 
-def _fid_evaluator(config: DistillConfig, device) -> Callable[[Trainer], dict[str, float]]:
+def _fid_evaluator(config: DistillConfig, device, sigmas: tuple[float, ...]) -> Callable[[Trainer], dict[str, float]]:
     classifier = image_metrics.load_classifier(config.classifier).to(device)
     test = image_data.load_images(config.dataset, "test", config.data_root, limit=config.eval_images)
     reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
-        samples = one_step_samples(trainer.objective.generator, config.eval_images, seed=0)
+        generator = trainer.module("generator")  # the EMA copy when there is one: the weights the file will hold
+        network = generator.denoiser if isinstance(generator, OneStepGenerator) else generator
+        samples = student_samples(network, sigmas, config.eval_images, seed=0)
         return {"classifier_fid": image_metrics.classifier_fid(reference, samples, classifier)}
     return evaluate
 
 
 # ----------------------------------------------------------------------------------------- sampling
-def one_step_samples(generator: Callable[[Tensor], Tensor], n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
-    """n samples of a one-step generator from the noise (and, if class-conditional, labels) of ``seed`` (the same
-    as :func:`teacher_samples`)."""
-    noise, conditions = fixed_noise(n, image_shape(_denoiser_of(generator)), seed, _device_of(generator),
-                                    _denoiser_of(generator).num_classes)
+def student_samples(student: Callable, sigmas, n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
+    """n samples of a K-step student (a denoiser; DMD2 Sec. 4.5: predict x0, re-noise it with fresh noise to the next
+    level) from the noise (and labels) of ``seed``; K = 1 is the one-step generator D(sigma_max z, sigma_max)."""
+    noise, conditions = fixed_noise(n, image_shape(student), seed, _device_of(student), student.num_classes)
+    fresh = torch.Generator(device=noise.device).manual_seed(seed + 1)
     with torch.no_grad():
-        return torch.cat([generator(z, **c) for z, c in _batches(noise, conditions, batch_size)])
+        return torch.cat([dmd.multistep_generate(bind(student, c), z, sigmas, fresh)[0][-1]
+                          for z, c in _batches(noise, conditions, batch_size)])
 
 
 def teacher_samples(teacher: Callable, n: int, num_steps: int, seed: int = 0, batch_size: int = 256,
@@ -370,31 +429,40 @@ def _device_of(model) -> torch.device:
     return next(_denoiser_of(model).parameters()).device
 
 
-def load_sampler(path: str | Path, device="cpu") -> tuple[Callable[[Tensor], Tensor], dict]:
-    """A model file as a one-step sampler: a student's generator at its sigma, or a teacher's denoiser (whose
-    one-step output is D(sigma_max z, sigma_max)). Returns (the model, its metadata)."""
+def load_student(path: str | Path, device="cpu") -> tuple[Callable[[int, int], Tensor], tuple[float, ...], dict]:
+    """A student file as (sample(n, seed), its noise levels, its metadata)."""
     _, meta = read_metadata(path)
+    if meta.get("role") != "student":
+        raise ValueError(f"{path} is not a student (its role is {meta.get('role')!r}); sample a teacher with "
+                         "teacher_samples")
     denoiser = load_denoiser(path, device)
-    return OneStepGenerator(denoiser, float(meta.get("sigma", 80.0))), meta
+    sigmas = tuple(meta["sigmas"])
+    return lambda n, seed: student_samples(denoiser, sigmas, n, seed), sigmas, meta
 
 
 def evaluate_models(models: dict[str, tuple[Callable[[int, int], Tensor], int]], reference: Tensor,
-                    classifier, speed_images: int = 64, batch_size: int = 64, num_images: int = 1000,
-                    inception: torch.nn.Module | None = None) -> dict[str, dict]:
-    """For each name -> (sample(n, seed), network evaluations per image): classifier FID against ``reference``
-    (and Inception FID/KID if ``inception``), and images/s measured the same way for all."""
-    results = {}
+                    classifier=None, inception: torch.nn.Module | None = None, num_images: int = 1000,
+                    seed: int = 0, speed_images: int = 64, batch_size: int = 64
+                    ) -> tuple[dict[str, dict], dict[str, Tensor]]:
+    """For each name -> (sample(n, seed), network evaluations per image): ``num_images`` samples from the noise of
+    ``seed`` (the same noise for every model), their classifier FID against ``reference`` (and Inception FID/KID if
+    ``inception``), and images/s measured the same way for all (:func:`~dmd2lab.image_metrics.sampling_speed` on
+    ``speed_images`` images in batches of ``batch_size``, after a warm-up batch). Returns (rows, samples)."""
+    if classifier is None and inception is None:
+        raise ValueError("evaluate_models needs a feature network: a classifier, an Inception, or both")
+    rows, samples = {}, {}
     device = reference.device
     for name, (sample, nfe) in models.items():
         started = time.perf_counter()
-        images = sample(num_images, 0).clamp(-1, 1)  # as the images would be saved
-        row = {"nfe": nfe, "classifier_fid": image_metrics.classifier_fid(reference, images, classifier),
-               "sample_seconds": time.perf_counter() - started}
+        images = sample(num_images, seed).clamp(-1, 1)  # as the images would be saved
+        row = {"nfe": nfe, "sample_seconds": time.perf_counter() - started}
+        if classifier is not None:
+            row["classifier_fid"] = image_metrics.classifier_fid(reference, images, classifier)
         if inception is not None:
             row.update(image_metrics.fid_and_kid(reference, images, inception))
-        row.update(image_metrics.sampling_speed(lambda n: sample(n, 1), speed_images, batch_size, device))
-        results[name] = row
-    return results
+        row.update(image_metrics.sampling_speed(lambda n: sample(n, seed + 1), speed_images, batch_size, device))
+        rows[name], samples[name] = row, images
+    return rows, samples
 
 
 def write_json(path: str | Path, values: dict):
@@ -404,8 +472,8 @@ def write_json(path: str | Path, values: dict):
 
 
 def default_steps(meta: dict) -> int:
-    """A student samples in its one step; a teacher with EDM's 18 Heun steps (35 evaluations) unless told."""
-    return 1 if meta.get("role") == "student" else 18
+    """A student samples in its own steps; a teacher with EDM's 18 Heun steps (35 evaluations) unless told."""
+    return len(meta["sigmas"]) if meta.get("role") == "student" else 18
 
 
 def file_sampler(path: str | Path, num_steps: int | None, device) -> tuple[Callable[[int, int], Tensor], int, dict]:
@@ -416,13 +484,13 @@ def file_sampler(path: str | Path, num_steps: int | None, device) -> tuple[Calla
     if num_steps < 1:
         raise ValueError(f"--steps must be >= 1; got {num_steps}")
     if meta.get("role") == "student":
-        if num_steps != 1:
-            raise ValueError(f"{path} is a one-step student; sample it with --steps 1 (or leave --steps out)")
-        generator, _ = load_sampler(path, device)
-        return lambda n, seed: one_step_samples(generator, n, seed), 1, meta
+        sample, sigmas, _ = load_student(path, device)
+        if num_steps != len(sigmas):
+            raise ValueError(f"{path} is a {len(sigmas)}-step student; sample it with --steps {len(sigmas)} (or leave "
+                             "--steps out)")
+        return sample, len(sigmas), meta
     teacher = load_denoiser(path, device)
-    return (lambda n, seed: teacher_samples(teacher, n, num_steps, seed),
-            2 * num_steps - 1 if num_steps > 1 else 1, meta)
+    return lambda n, seed: teacher_samples(teacher, n, num_steps, seed), sampler_evaluations(num_steps), meta
 
 
 def sample_to_files(model: str | Path, out: str | Path, num: int, num_steps: int | None = None, seed: int = 0,
@@ -441,18 +509,25 @@ def sample_to_files(model: str | Path, out: str | Path, num: int, num_steps: int
 
 def evaluate_file(model: str | Path, classifier: str | Path, num: int, num_steps: int | None = None,
                   seed: int = 0, device: str = "auto", batch_size: int = 256, data_root: str | None = None,
-                  inception: bool = False) -> dict:
-    """Classifier FID (and Inception FID/KID) of a model file's samples against ``num`` test images, and its
-    sampling speed."""
+                  inception: bool = False, reference: int | None = None) -> dict:
+    """Classifier FID (and Inception FID/KID) of ``num`` samples of a model file against the first ``reference``
+    test images (None: all of them), and its sampling speed."""
     device = resolve_device(device)
     sample, nfe, meta = file_sampler(model, num_steps, device)
-    test = image_data.load_images(meta.get("dataset", "fmnist"), "test", data_root, limit=num)
+    test = image_data.load_images(meta.get("dataset", "fmnist"), "test", data_root, limit=reference)
     reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
-    results = evaluate_models({"model": (sample, nfe)}, reference, image_metrics.load_classifier(classifier).to(device),
-                              speed_images=min(num, 4 * batch_size), batch_size=batch_size, num_images=num,
-                              inception=image_metrics.InceptionFeatures().to(device) if inception else None)
-    return {"model": str(model), "role": meta.get("role"), "num_images": num, "device": _device_name(device),
-            **results["model"]}
+    if classifier is None and not inception:
+        raise ValueError("nothing to measure with: give --classifier (Fashion-MNIST) or --inception")
+    features = image_metrics.load_classifier(classifier).to(device) if classifier is not None else None
+    if features is not None and features.config["channels"] != reference.shape[1]:
+        raise ValueError(f"classifier {classifier} reads {features.config['channels']}-channel images but "
+                         f"{meta.get('dataset')} has {reference.shape[1]}; use --inception for this dataset")
+    rows, _ = evaluate_models({"model": (sample, nfe)}, reference, features,
+                              image_metrics.InceptionFeatures(device=device) if inception else None, num, seed,
+                              speed_images=min(num, 4 * batch_size), batch_size=batch_size)
+    return {"model": str(model), "role": meta.get("role"), "num_images": num, "reference_images": len(test),
+            "seed": seed,
+            "device": _device_name(device), **rows["model"]}
 
 
 def train_feature_classifier(out: str | Path, data_root: str | None = None, steps: int = 3000, seed: int = 0,

@@ -124,11 +124,13 @@ def plot_dm_gradient_images(pictures: dict[str, Tensor], sigma: float, axes=None
     titles = ["generator x", f"x_t (sigma {sigma:.3g})", "teacher x0", "critic x0", "real - fake"]
     for r in range(rows):
         for c, name in enumerate(names):
-            image = pictures[name][r, 0].detach().float().cpu()
-            if name == "update":
-                axes[r][c].imshow(image, cmap="RdBu_r", vmin=-update_scale, vmax=update_scale)
+            image = pictures[name][r].detach().float().cpu()
+            if name == "update":  # colour images: the update summed over channels, on one signed scale
+                axes[r][c].imshow(image.mean(0), cmap="RdBu_r", vmin=-update_scale, vmax=update_scale)
+            elif image.shape[0] == 3:
+                axes[r][c].imshow(((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0))
             else:
-                axes[r][c].imshow(image.clamp(-1, 1), cmap="gray", vmin=-1, vmax=1)
+                axes[r][c].imshow(image[0].clamp(-1, 1), cmap="gray", vmin=-1, vmax=1)
             axes[r][c].set(xticks=[], yticks=[])
             if r == 0:
                 axes[r][c].set_title(titles[c], fontsize=8)

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -275,7 +276,7 @@ class Trainer:
         torch.save({
             "step": self.step, "history": self.history, "config": asdict(self.config),
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "rng": self.rng.get_state(), "rng_device": self.rng.device.type, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
         }, tmp / "state.pt")
@@ -296,7 +297,8 @@ class Trainer:
         folder = Path(folder)
         try:
             tensors = load_file(str(folder / "models.safetensors"))
-            state = torch.load(folder / "state.pt", weights_only=False)
+            # map_location: a checkpoint written on a GPU resumes on a CPU machine (optimizer states follow the params).
+            state = torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
         except Exception as e:  # safetensors and pickle raise many types for torn files
             raise CheckpointError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e}); it may be "
                                   f"truncated or corrupt. Delete it and point '{folder.parent.parent}/latest' at "
@@ -313,7 +315,14 @@ class Trainer:
                                   f"by another configuration?") from e
         self.step, self.history = state["step"], state["history"]
         self._rewrite_log = True
-        self.rng.set_state(state["rng"])
+        if state.get("rng_device", self.rng.device.type) == self.rng.device.type:
+            self.rng.set_state(state["rng"])
+        else:
+            # CPU and CUDA generators have different states: the run continues, but not bitwise as it would have.
+            warnings.warn(f"checkpoint {folder} was written with a {state['rng_device']} random generator and resumes "
+                          f"on {self.rng.device.type}; its random stream restarts from seed {self.config.seed} + step "
+                          f"{self.step}, so the rest of the run differs from an uninterrupted one")
+            self.rng.manual_seed(self.config.seed + self.step)
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -51,6 +51,26 @@ def test_config_errors_name_the_field():
         recipe.load_config("distill", "absent.yaml")
     assert recipe.load_config("distill", None, {"lr": 1}).lr == 1.0 and recipe.load_config(
         "distill", None, {"ema_decay": None}).ema_decay is None
+    # Settings fail before any file is read.
+    with pytest.raises(ValueError, match="mixed_precision"):
+        recipe.load_config("distill", None, {"mixed_precision": "bf17"})
+    with pytest.raises(ValueError, match="ema_decay"):
+        recipe.load_config("distill", None, {"ema_decay": 1.5})
+
+
+def test_yaml_files_are_read_strictly_and_as_yaml_spells_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("distill:\n  lr: 2e-6\n  backward_simulation: true\n")
+    assert recipe.load_config("distill", path).lr == 2e-6  # YAML 1.1 reads 2e-6 as a string
+    with pytest.raises(ValueError, match="'teacher:' section"):
+        recipe.load_config("teacher", path)
+    path.write_text("techer:\n  steps: 3\ndistill:\n  steps: 3\n")
+    with pytest.raises(ValueError, match="unknown section.*techer"):
+        recipe.load_config("distill", path)
+    from dmd2lab.cli import _settings
+    settings = _settings(["backward_simulation=false", "lr=3e-5", "ema_decay=null", "seed=3", "student_steps=4"])
+    config = recipe.load_config("distill", None, settings)
+    assert (config.backward_simulation, config.lr, config.ema_decay, config.seed) == (False, 3e-5, None, 3)
 
 
 def test_cli_reports_bad_settings_without_a_traceback(capsys):
@@ -63,6 +83,7 @@ def test_cli_reports_bad_settings_without_a_traceback(capsys):
 def test_teacher_file_records_how_it_was_made(teacher):
     config, meta = read_metadata(teacher)
     assert meta["role"] == "teacher" and meta["steps"] == 4 and meta["config"]["batch_size"] == 4
+    assert meta["complete"] is True
     assert config["unet"]["block_out_channels"] == [16, 32, 64]
 
 
@@ -86,6 +107,19 @@ def test_distill_resumes_to_the_same_result_as_an_uninterrupted_run(teacher, tmp
     assert read_metadata(whole / "student.safetensors")[1]["role"] == "student"
 
 
+def test_a_time_limited_run_says_it_is_unfinished_and_resumes(tmp_path, capsys):
+    out = tmp_path / "teacher"
+    assert main(["train-teacher", "--out", str(out), "--set", *TINY_TEACHER, "steps=1000", "time_limit_s=0.5"]) == 0
+    _, meta = read_metadata(out / "teacher.safetensors")
+    assert meta["complete"] is False and 0 < meta["steps"] < 1000
+    assert "stopped by time_limit_s" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="unfinished"):
+        recipe.build_distillation(recipe.load_config("distill", None, dict(
+            teacher=str(out / "teacher.safetensors"), data_root=MINI, batch_size=4, progress=False)))
+    assert main(["train-teacher", "--out", str(out), "--set", *TINY_TEACHER, "steps=" + str(meta["steps"] + 2)]) == 0
+    assert read_metadata(out / "teacher.safetensors")[1]["steps"] == meta["steps"] + 2
+
+
 def test_distill_logs_every_loss_of_dmd2(teacher, tmp_path):
     assert main(["distill", "--config", str(CONFIGS / "fmnist.yaml"), "--out", str(tmp_path), "--set",
                  *tiny_distill(teacher, "steps=5")]) == 0
@@ -104,17 +138,19 @@ def test_sample_and_eval_commands(teacher, tmp_path, capsys):
     assert (tmp_path / "grid.png").stat().st_size > 100
     capsys.readouterr()
     assert main(["eval", "--model", str(teacher), "--steps", "2", "--num", "8", "--classifier", str(classifier),
-                 "--data-root", MINI, "--batch-size", "4", "--json", str(tmp_path / "m.json")]) == 0
+                 "--data-root", MINI, "--batch-size", "4", "--reference", "16", "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["nfe"] == 3 and metrics["classifier_fid"] >= 0 and metrics["images_per_s"] > 0
+    assert metrics["reference_images"] == 16 and metrics["nfe"] == 3 and metrics["classifier_fid"] >= 0 and metrics["images_per_s"] > 0
     assert main(["eval", "--model", str(teacher), "--num", "0"]) == 2
+    with pytest.raises(ValueError, match="nothing to measure"):
+        recipe.evaluate_file(teacher, None, 4, 1, data_root=MINI)
     assert main(["sample", "--model", str(tmp_path / "absent.safetensors"), "--out", "x.png"]) == 2
     assert "not found" in capsys.readouterr().err
 
 
-def test_a_student_samples_in_one_step_only(teacher, tmp_path):
+def test_a_one_step_student_samples_in_one_step_only(teacher, tmp_path):
     assert main(["distill", "--out", str(tmp_path), "--set", *tiny_distill(teacher, "steps=1")]) == 0
-    with pytest.raises(ValueError, match="one-step student"):
+    with pytest.raises(ValueError, match="1-step student"):
         recipe.file_sampler(tmp_path / "student.safetensors", 4, "cpu")
     sample, nfe, meta = recipe.file_sampler(tmp_path / "student.safetensors", None, "cpu")
     assert nfe == 1 and sample(3, 0).shape == (3, 1, 32, 32)
@@ -128,13 +164,34 @@ def test_class_conditional_teacher_and_distillation(tmp_path):
     teacher = teacher_dir / "teacher.safetensors"
     assert read_metadata(teacher)[0]["unet"]["num_class_embeds"] == 10
     run = recipe.build_distillation(recipe.load_config("distill", None, dict(
-        teacher=str(teacher), data_root=MINI, steps=2, batch_size=4, progress=False, checkpoint_every=0)))
-    seen = []
-    critic = run.critic.critic
-    original = critic.forward
-    critic.forward = lambda x, sigma, class_labels=None: seen.append(class_labels) or original(x, sigma, class_labels)
-    run.trainer.fit()
-    assert seen and all(labels is not None and labels.shape == (4,) for labels in seen)
+        teacher=str(teacher), data_root=MINI, steps=1, batch_size=4, progress=False, checkpoint_every=0)))
+    calls = {"generator": [], "teacher": [], "features": [], "real": []}
+
+    def spy(module, name, method="forward"):
+        original = getattr(module, method)
+
+        def wrapped(*args, **kwargs):
+            calls[name].append(kwargs.get("class_labels"))
+            return original(*args, **kwargs)
+        setattr(module, method, wrapped)
+    spy(run.generator, "generator")
+    spy(run.teacher, "teacher")
+    spy(run.critic.critic, "features", "features")
+    draw_real = run.trainer.objective.sample_real
+
+    def real(n, rng):
+        images, conditions = draw_real(n, rng)
+        calls["real"].append(conditions["class_labels"])
+        return images, conditions
+    run.trainer.objective.sample_real = real
+    run.trainer.fit()  # step 0 updates the generator and the critic
+    generated = calls["generator"][0]
+    assert generated is not None and generated.shape == (4,)
+    # The teacher scores each generator sample under the sample's own label (DM loss) ...
+    assert all(torch.equal(labels, generated) for labels in calls["teacher"])
+    # ... the head sees fake samples with theirs (generator's GAN loss), then real + fake with real labels first.
+    assert torch.equal(calls["features"][0], generated)
+    assert torch.equal(calls["features"][1], torch.cat([calls["real"][0], generated]))
     assert main(["distill", "--out", str(student_dir), "--set", *tiny_distill(teacher, "steps=2")]) == 0
     sample, nfe, _ = recipe.file_sampler(student_dir / "student.safetensors", None, "cpu")
     assert sample(5, 0).shape == (5, 1, 32, 32)
@@ -159,6 +216,27 @@ def test_distil_a_pretrained_diffusers_vp_model(tmp_path, monkeypatch):
     schedule, weighting = recipe.teacher_schedule(run.teacher, config)
     assert weighting == "eps" and run.generator.sigma == pytest.approx(float(schedule.sigmas[-1]))
     assert run.generator.sigma > 100  # DDPM's linear betas end near sigma 157, not EDM's 80
-    reloaded, _ = recipe.load_sampler(path)
-    z = torch.randn(2, 1, 32, 32)
-    torch.testing.assert_close(reloaded(z), run.generator(z))
+    reloaded, sigmas, _ = recipe.load_student(path)
+    assert sigmas == (run.generator.sigma,)
+    torch.testing.assert_close(reloaded(2, 5), run.sample(2, 5))
+
+
+def test_four_step_student_with_backward_simulation(teacher, tmp_path):
+    """DMD2's multi-step student on images: timesteps 999/749/499/249 of the table, trained on backward-simulated
+    inputs; the file samples in its 4 steps and says so."""
+    from dmd2lab.diffusion import NoiseSchedule
+    sigmas = recipe.student_sigmas(NoiseSchedule.karras(), 4)
+    table = NoiseSchedule.karras().sigmas
+    assert sigmas == tuple(float(table[t]) for t in (999, 749, 499, 249))
+    assert recipe.student_sigmas(NoiseSchedule.karras(), 1) == (80.0,)
+    assert main(["distill", "--out", str(tmp_path), "--set", *tiny_distill(teacher, "steps=3", "student_steps=4")]) == 0
+    sample, nfe, meta = recipe.file_sampler(tmp_path / "student.safetensors", None, "cpu")
+    assert nfe == 4 and meta["sigmas"] == list(sigmas) and sample(2, 0).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="4-step student"):
+        recipe.file_sampler(tmp_path / "student.safetensors", 1, "cpu")
+    with pytest.raises(ValueError, match="multi-step"):
+        recipe.load_config("distill", None, {"backward_simulation": False})
+    run = recipe.build_distillation(recipe.load_config("distill", None, dict(
+        teacher=str(teacher), data_root=MINI, steps=2, batch_size=4, progress=False, checkpoint_every=0,
+        student_steps=4, backward_simulation=False, gan_generator_weight=0.0, gan_discriminator_weight=0.0)))
+    run.trainer.fit()  # trained on noised real data instead: it needs the real sampler even without the GAN

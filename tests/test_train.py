@@ -289,3 +289,18 @@ def test_time_limit_ends_cleanly_with_a_checkpoint_and_resumes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net_whole.parameters()))
     with pytest.raises(ValueError, match="time_limit_s"):
         TrainConfig(steps=1, time_limit_s=-1)
+
+
+def test_resume_on_another_device_kind_warns_and_continues(tmp_path):
+    """A checkpoint written on a GPU resumes on a CPU machine: its generator state cannot be restored there, so the
+    stream restarts from seed + step, with a warning (simulated by relabelling a CPU checkpoint's generator)."""
+    trainer = _toy_trainer(4, tmp_path)
+    trainer.fit()
+    state_path = latest_checkpoint(tmp_path) / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["rng_device"], state["rng"] = "cuda", torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, state_path)
+    resumed = _toy_trainer(6, tmp_path)
+    with pytest.warns(UserWarning, match="written with a cuda random generator"):
+        resumed.fit()
+    assert resumed.step == 6
