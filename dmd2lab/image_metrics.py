@@ -210,7 +210,8 @@ def train_classifier(images: Tensor, labels: Tensor, steps: int = 2000, batch_si
     model.train()
     for _ in tqdm(range(steps), disable=not progress, desc="classifier"):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=rng)
-        flip = torch.rand(batch_size, generator=rng) < 0.5
+        # Drawn on the CPU generator (one seed, one stream on every device), applied where the images live.
+        flip = (torch.rand(batch_size, generator=rng) < 0.5).to(images.device)
         x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx]).to(device)
         loss = F.cross_entropy(model(x), labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
