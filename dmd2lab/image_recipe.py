@@ -35,7 +35,21 @@ from .train import Player, Trainer, TrainConfig
 
 
 @dataclass
-class TeacherConfig:
+class RunSettings:
+    """How a training run runs, the same for teachers and distillation: seed, device, precision and speed options,
+    a wall-clock limit (0 = none), progress bar. Logging and checkpoint periods are each recipe's own."""
+
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    channels_last: bool = False
+    compile: bool = False
+    time_limit_s: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class TeacherConfig(RunSettings):
     """An EDM teacher on a dataset (EDM eq. 2, log-normal noise levels, EMA of the weights). The optimiser is the
     training loop's: AdamW with weight decay 0.01 and gradient clipping at 10 (EDM itself uses Adam, no clipping)."""
 
@@ -51,19 +65,12 @@ class TeacherConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     sigma_data: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: str = "no"
-    channels_last: bool = False
-    compile: bool = False
     log_every: int = 100
     checkpoint_every: int = 1000
-    time_limit_s: float = 0.0
-    progress: bool = True
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(RunSettings):
     """DMD2 for an image generator (defaults: DMD2's ImageNet-64 settings, DESIGN.md): one step, or a
     ``student_steps``-step student at timesteps T-1, T-1-T/K, ... with backward simulation (DMD2 Sec. 4.5)."""
 
@@ -86,18 +93,11 @@ class DistillConfig:
     dm_weight: float = 1.0
     student_steps: int = 1
     backward_simulation: bool = True
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: str = "no"
-    channels_last: bool = False
-    compile: bool = False
     log_every: int = 50
     checkpoint_every: int = 500
     eval_every: int = 0
     eval_images: int = 1000
     classifier: str | None = None
-    time_limit_s: float = 0.0
-    progress: bool = True
 
 
 CONFIG_KINDS = {"teacher": TeacherConfig, "distill": DistillConfig}
@@ -127,7 +127,9 @@ def load_config(kind: str, path: str | Path | None = None, overrides: dict | Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {kind} setting(s) {unknown}; valid: {', '.join(fields)}")
+        run = [f.name for f in dataclasses.fields(RunSettings)]
+        valid = [name for name in fields if name not in run] + run  # the recipe's own settings first
+        raise ValueError(f"unknown {kind} setting(s) {unknown}; valid: {', '.join(valid)}")
     for name, value in values.items():
         values[name] = _checked_type(cls, fields[name], value)
     config = cls(**values)
