@@ -276,8 +276,7 @@ class Distillation:
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> Tensor:
         """n student samples (model range) from fixed noise."""
-        network = self.generator.denoiser if isinstance(self.generator, OneStepGenerator) else self.generator
-        return student_samples(network, self.sigmas, n, seed, batch_size)
+        return student_samples(student_network(self.generator), self.sigmas, n, seed, batch_size)
 
 
 def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
@@ -341,6 +340,11 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
     return Distillation(trainer, generator, critic, teacher, config, data, sigmas)
 
 
+def student_network(generator) -> torch.nn.Module:
+    """The denoiser a student file holds: the one-step generator's network, or the K-step student itself."""
+    return generator.denoiser if isinstance(generator, OneStepGenerator) else generator
+
+
 def student_sigmas(schedule: NoiseSchedule, steps: int) -> tuple[float, ...]:
     """A K-step student's noise levels, largest first, at timesteps T-1, T-1-T/K, ... of the schedule: DMD2's
     999/749/499/249 for K = 4 and T = 1000; (sigma_max,) for the one-step generator."""
@@ -364,7 +368,7 @@ def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Pa
     run = build_distillation(config, out_dir, generator_init)
     run.trainer.fit()
     generator = run.trainer.module("generator")
-    network = generator.denoiser if isinstance(generator, OneStepGenerator) else generator
+    network = student_network(generator)
     _report_stop(run.trainer, config)
     meta = {"role": "student", "dataset": config.dataset, "sigmas": list(run.sigmas), "steps": run.trainer.step,
             "complete": run.trainer.step == config.steps,
@@ -379,9 +383,8 @@ def _fid_evaluator(config: DistillConfig, device, sigmas: tuple[float, ...]) -> 
     reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
-        generator = trainer.module("generator")  # the EMA copy when there is one: the weights the file will hold
-        network = generator.denoiser if isinstance(generator, OneStepGenerator) else generator
-        samples = student_samples(network, sigmas, config.eval_images, seed=0)
+        # The EMA copy when there is one: the weights the student file will hold.
+        samples = student_samples(student_network(trainer.module("generator")), sigmas, config.eval_images, seed=0)
         return {"classifier_fid": image_metrics.classifier_fid(reference, samples, classifier)}
     return evaluate
 
