@@ -377,10 +377,20 @@ def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Pa
     return run, save_denoiser(network, Path(out_dir) / "student.safetensors", meta)
 
 
+def fitting_classifier(path: str | Path, reference: Tensor, dataset: str):
+    """The feature classifier at ``path`` on the reference images' device, if it reads images with their number of
+    channels (the shipped one is Fashion-MNIST's: grey)."""
+    classifier = image_metrics.load_classifier(path).to(reference.device)
+    if classifier.config["channels"] != reference.shape[1]:
+        raise ValueError(f"classifier {path} reads {classifier.config['channels']}-channel images but {dataset} has "
+                         f"{reference.shape[1]}; measure this dataset with the Inception FID instead")
+    return classifier
+
+
 def _fid_evaluator(config: DistillConfig, device, sigmas: tuple[float, ...]) -> Callable[[Trainer], dict[str, float]]:
-    classifier = image_metrics.load_classifier(config.classifier).to(device)
     test = image_data.load_images(config.dataset, "test", config.data_root, limit=config.eval_images)
     reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
+    classifier = fitting_classifier(config.classifier, reference, config.dataset)
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
         # The EMA copy when there is one: the weights the student file will hold.
@@ -523,10 +533,7 @@ def evaluate_file(model: str | Path, classifier: str | Path, num: int, num_steps
     reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
     if classifier is None and not inception:
         raise ValueError("nothing to measure with: give --classifier (Fashion-MNIST) or --inception")
-    features = image_metrics.load_classifier(classifier).to(device) if classifier is not None else None
-    if features is not None and features.config["channels"] != reference.shape[1]:
-        raise ValueError(f"classifier {classifier} reads {features.config['channels']}-channel images but "
-                         f"{meta.get('dataset')} has {reference.shape[1]}; use --inception for this dataset")
+    features = fitting_classifier(classifier, reference, meta.get("dataset")) if classifier is not None else None
     rows, _ = evaluate_models({"model": (sample, nfe)}, reference, features,
                               image_metrics.InceptionFeatures(device=device) if inception else None, num, seed,
                               speed_images=min(num, 4 * batch_size), batch_size=batch_size)

@@ -144,6 +144,13 @@ def test_sample_and_eval_commands(teacher, tmp_path, capsys):
     assert main(["eval", "--model", str(teacher), "--num", "0"]) == 2
     with pytest.raises(ValueError, match="nothing to measure"):
         recipe.evaluate_file(teacher, None, 4, 1, data_root=MINI)
+    from dmd2lab import image_metrics
+    image_metrics.save_classifier(image_metrics.FeatureClassifier(channels=3, width=4), tmp_path / "rgb.safetensors")
+    with pytest.raises(ValueError, match="reads 3-channel images but fmnist has 1"):
+        recipe.evaluate_file(teacher, tmp_path / "rgb.safetensors", 4, 1, data_root=MINI)
+    with pytest.raises(ValueError, match="reads 3-channel images"):  # before any training step, not at the first eval
+        recipe.build_distillation(recipe.load_config("distill", None, dict(
+            teacher=str(teacher), data_root=MINI, eval_every=1, classifier=str(tmp_path / "rgb.safetensors"))))
     assert main(["sample", "--model", str(tmp_path / "absent.safetensors"), "--out", "x.png"]) == 2
     assert "not found" in capsys.readouterr().err
 
