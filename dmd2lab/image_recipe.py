@@ -24,9 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import image_data, image_metrics
-from .diffusion import NoiseSchedule, edm_sampler, sampler_evaluations
-from . import dmd
+from . import dmd, image_data, image_metrics, labs
+from .diffusion import NoiseSchedule, add_noise, edm_sampler, sampler_evaluations
 from .dmd import GANHead
 from .image_models import (UNET_PRESETS, EDMDenoiser, OneStepGenerator, VPDenoiser, edm_sigmas, image_shape,
                            load_denoiser, load_teacher, read_metadata, save_denoiser, trainable_copy)
@@ -121,7 +120,8 @@ def load_config(kind: str, path: str | Path | None = None, overrides: dict | Non
                              f"{', '.join(CONFIG_KINDS)})")
         unknown_sections = sorted(set(loaded) - set(CONFIG_KINDS))
         if unknown_sections:
-            raise ValueError(f"{path}: unknown section(s) {unknown_sections}; the sections are {', '.join(CONFIG_KINDS)}")
+            raise ValueError(f"{path}: unknown section(s) {unknown_sections}; the sections are "
+                             f"{', '.join(CONFIG_KINDS)}")
         values.update(loaded[kind])
     values.update(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -186,13 +186,9 @@ def _validate(config):
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else as torch names it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible; use device=auto or cpu")
-    return device
+    """The labs' device rule (:func:`dmd2lab.labs.resolve_device`: 'auto' -> cuda when visible, else cpu; a named
+    device must be usable) as a torch.device."""
+    return torch.device(labs.resolve_device(device))
 
 
 def _prepare_module(module: torch.nn.Module, config) -> torch.nn.Module:
@@ -226,12 +222,8 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenois
                       _train_config(config), out_dir)
     trainer.fit()
     teacher = trainer.module("teacher")
-    _report_stop(trainer, config)
-    meta = {"role": "teacher", "dataset": config.dataset, "steps": trainer.step, "complete": trainer.step == config.steps,
-            "config": dataclasses.asdict(config), "train_seconds": trainer.history[-1]["elapsed_s"],
-            "device": _device_name(device)}
-    path = save_denoiser(teacher, Path(out_dir) / "teacher.safetensors", meta)
-    return teacher, path
+    return teacher, save_denoiser(teacher, Path(out_dir) / "teacher.safetensors",
+                                  _run_metadata("teacher", trainer, config, device))
 
 
 def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Tensor, dict]]:
@@ -244,10 +236,15 @@ def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Ten
     return sample
 
 
-def _report_stop(trainer: Trainer, config):
-    if trainer.step < config.steps:
+def _run_metadata(role: str, trainer: Trainer, config, device: torch.device, **extra) -> dict:
+    """What a model file records of the run that made it; says so when a time limit stopped the run early."""
+    complete = trainer.step == config.steps
+    if not complete:
         print(f"stopped by time_limit_s ({config.time_limit_s:g} s) at step {trainer.step}/{config.steps}; the model "
               "written is that step's (its file says complete: false); run the same command again to resume")
+    return {"role": role, "dataset": config.dataset, **extra, "steps": trainer.step, "complete": complete,
+            "config": dataclasses.asdict(config), "train_seconds": trainer.history[-1]["elapsed_s"],
+            "device": _device_name(device)}
 
 
 def _train_config(config) -> TrainConfig:
@@ -326,8 +323,9 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
             0, classes, (n,), generator=rng, device=rng.device).to(device)}
     else:
         real, conditions = image_data.real_sampler(data, info.resolution, device), None
+    latents = lambda n, rng: torch.randn((n,) + shape, generator=rng, device=rng.device).to(device)  # noqa: E731
     objective = DMD2Objective(
-        generator, critic, teacher, schedule, lambda n, rng: torch.randn((n,) + shape, generator=rng, device=rng.device).to(device), settings,
+        generator, critic, teacher, schedule, latents, settings,
         sample_real=real if gan or not settings.backward_simulation else None, sample_conditions=conditions)
     players = objective.players(config.lr, config.lr, config.ratio, warmup_steps=config.warmup_steps,
                                 grad_clip=config.grad_clip, ema_decay=config.ema_decay)
@@ -367,14 +365,9 @@ def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Pa
     EMA weights when ``ema_decay`` is set)."""
     run = build_distillation(config, out_dir, generator_init)
     run.trainer.fit()
-    generator = run.trainer.module("generator")
-    network = student_network(generator)
-    _report_stop(run.trainer, config)
-    meta = {"role": "student", "dataset": config.dataset, "sigmas": list(run.sigmas), "steps": run.trainer.step,
-            "complete": run.trainer.step == config.steps,
-            "config": dataclasses.asdict(config), "train_seconds": run.trainer.history[-1]["elapsed_s"],
-            "device": _device_name(resolve_device(config.device))}
-    return run, save_denoiser(network, Path(out_dir) / "student.safetensors", meta)
+    meta = _run_metadata("student", run.trainer, config, resolve_device(config.device), sigmas=list(run.sigmas))
+    return run, save_denoiser(student_network(run.trainer.module("generator")), Path(out_dir) / "student.safetensors",
+                              meta)
 
 
 def fitting_classifier(path: str | Path, reference: Tensor, dataset: str):
@@ -436,12 +429,8 @@ def _batches(noise: Tensor, conditions: dict, batch_size: int):
         yield noise[start:start + batch_size], {k: v[start:start + batch_size] for k, v in conditions.items()}
 
 
-def _denoiser_of(model):
-    return getattr(model, "denoiser", model)
-
-
 def _device_of(model) -> torch.device:
-    return next(_denoiser_of(model).parameters()).device
+    return next(model.parameters()).device
 
 
 def load_student(path: str | Path, device="cpu") -> tuple[Callable[[int, int], Tensor], tuple[float, ...], dict]:
@@ -538,8 +527,7 @@ def evaluate_file(model: str | Path, classifier: str | Path, num: int, num_steps
                               image_metrics.InceptionFeatures(device=device) if inception else None, num, seed,
                               speed_images=min(num, 4 * batch_size), batch_size=batch_size)
     return {"model": str(model), "role": meta.get("role"), "num_images": num, "reference_images": len(test),
-            "seed": seed,
-            "device": _device_name(device), **rows["model"]}
+            "seed": seed, "device": _device_name(device), **rows["model"]}
 
 
 def train_feature_classifier(out: str | Path, data_root: str | None = None, steps: int = 3000, seed: int = 0,
@@ -556,7 +544,8 @@ def train_feature_classifier(out: str | Path, data_root: str | None = None, step
     test_accuracy = image_metrics.accuracy(classifier, to_model(test), test.labels)
     meta = {"test_accuracy": f"{test_accuracy:.4f}", "steps": str(steps), "seed": str(seed),
             "train_seconds": f"{time.perf_counter() - started:.1f}", "device": _device_name(device)}
-    return image_metrics.save_classifier(classifier, out, meta) or Path(out)
+    image_metrics.save_classifier(classifier, out, meta)
+    return Path(out)
 
 
 def dm_gradient_pictures(x: Tensor, real: Callable, fake: Callable, sigma: float, seed: int = 0) -> dict[str, Tensor]:
@@ -566,6 +555,6 @@ def dm_gradient_pictures(x: Tensor, real: Callable, fake: Callable, sigma: float
     noise, _ = fixed_noise(x.shape[0], tuple(x.shape[1:]), seed, x.device)
     sigmas = torch.full((x.shape[0],), float(sigma), device=x.device)
     with torch.no_grad():
-        x_t = x + sigma * noise
+        x_t = add_noise(x, sigmas, noise)
         real_x0, fake_x0 = real(x_t, sigmas), fake(x_t, sigmas)
     return {"x": x, "x_t": x_t, "real_x0": real_x0, "fake_x0": fake_x0, "update": real_x0 - fake_x0}
