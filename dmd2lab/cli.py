@@ -162,7 +162,8 @@ def image_main(args) -> int:
         return 0
     classifier = args.classifier
     if classifier is None and recipe.read_metadata(args.model)[1].get("dataset", "fmnist") == "fmnist":
-        classifier = "data/fmnist_classifier.safetensors"
+        from .image_data import project_data_dir
+        classifier = project_data_dir() / "fmnist_classifier.safetensors"  # the shipped one, from any folder
     metrics = recipe.evaluate_file(args.model, classifier, args.num, args.steps, args.seed, args.device,
                                    args.batch_size, args.data_root, args.inception, args.reference)
     print(json.dumps(metrics, indent=2))

@@ -247,3 +247,10 @@ def test_four_step_student_with_backward_simulation(teacher, tmp_path):
         teacher=str(teacher), data_root=MINI, steps=2, batch_size=4, progress=False, checkpoint_every=0,
         student_steps=4, backward_simulation=False, gan_generator_weight=0.0, gan_discriminator_weight=0.0)))
     run.trainer.fit()  # trained on noised real data instead: it needs the real sampler even without the GAN
+
+
+def test_eval_finds_the_shipped_classifier_from_any_folder(teacher, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", str(teacher), "--steps", "1", "--num", "4", "--batch-size", "4",
+                 "--data-root", MINI, "--reference", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["classifier_fid"] >= 0
