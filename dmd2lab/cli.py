@@ -145,7 +145,8 @@ def image_main(args) -> int:
             _, path = recipe.train_teacher(config, args.out)
         else:
             _, path = recipe.distill(config, args.out, args.init)
-        print(f"wrote {path}")
+        if recipe.distributed.is_main():  # one line, not one per rank
+            print(f"wrote {path}")
         return 0
     if args.command == "train-classifier":
         path = recipe.train_feature_classifier(args.out, args.data_root, args.steps, args.seed, args.device)
@@ -204,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                 params = ", ".join(f"{k}={v!r}" for k, v in labs.declared_parameters(path).items())
                 print(f"{path.stem}: {params}")
             return 0
+        if args.timeout < 1:
+            raise ValueError(f"--timeout must be at least 1 second per cell; got {args.timeout}")
         failed = labs.run_labs(args.labs, args.out, args.only, dict(_parameter(p) for p in args.parameter),
                                args.timeout, args.smoke)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    # OSError, not only FileNotFoundError: a file where a folder belongs (NotADirectoryError, FileExistsError) is
+    # the user's input too, and deserves the same one line.
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"dmd2lab: error: {e}", file=sys.stderr)
         return 2
     return 1 if failed else 0

@@ -158,7 +158,9 @@ def to_model_range(images_uint8: Tensor, resolution: int) -> Tensor:
     crops it back.
     """
     if images_uint8.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images; got {images_uint8.dtype}")
+        raise ValueError(f"to_model_range expected uint8 images (0..255, as load_images returns them); got "
+                         f"{images_uint8.dtype}: float images in [0, 1] need (x * 255).round().to(torch.uint8) "
+                         "first, and float images already in [-1, 1] need no conversion")
     h, w = images_uint8.shape[-2:]
     if resolution < max(h, w):
         raise ValueError(f"resolution {resolution} is smaller than the images ({h}x{w}); they are padded, "

@@ -197,6 +197,9 @@ def train_classifier(images: Tensor, labels: Tensor, steps: int = 2000, batch_si
     deterministic on CPU. Returned in eval mode, on ``device``. The defaults on Fashion-MNIST (60k training
     images padded to 32 x 32): 90.7% test accuracy in 2 to 3 minutes on 2 CPU cores."""
     labels = labels.long()
+    if images.ndim != 4 or tuple(labels.shape) != (images.shape[0],):
+        raise ValueError(f"train_classifier takes images N x C x H x W and N labels; got images "
+                         f"{tuple(images.shape)} and labels {tuple(labels.shape)}")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     with torch.random.fork_rng(devices=[]):
@@ -270,8 +273,16 @@ class _Features(nn.Module):
 
 def classifier_fid(real: Tensor, fake: Tensor, classifier: FeatureClassifier, batch_size: int = 512) -> float:
     """Frechet distance between the classifier features of two image sets (float in [-1, 1])."""
-    stats_real = feature_statistics(extract_features(_Features(classifier), real, batch_size))
-    stats_fake = feature_statistics(extract_features(_Features(classifier), fake, batch_size))
+    channels = classifier.config["channels"]
+    for name, images in (("real", real), ("fake", fake)):
+        # The classifier's conv would fail on these with a message about weights, not about the images.
+        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != channels:
+            raise ValueError(f"classifier_fid: {name} images must be float N x {channels} x H x W in [-1, 1] (this "
+                             f"classifier reads {channels}-channel images); got {images.dtype} "
+                             f"{tuple(images.shape)}. uint8 images convert with image_data.to_model_range")
+    # float32 whatever float they come in (the classifier's weights are float32).
+    stats_real = feature_statistics(extract_features(_Features(classifier), real.float(), batch_size))
+    stats_fake = feature_statistics(extract_features(_Features(classifier), fake.float(), batch_size))
     return frechet_distance(*stats_real, *stats_fake)
 
 
@@ -299,8 +310,15 @@ def load_classifier(path: str | os.PathLike) -> FeatureClassifier:
     if not Path(path).is_file():
         raise FileNotFoundError(f"classifier weights not found: {path}. "
                                 f"Make them with `dmd2lab train-classifier --out {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a file in another format or a torn one
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); pass the classifier "
+                         "file that `dmd2lab train-classifier` writes (data/fmnist_classifier.safetensors)") from e
+    if "config" not in metadata:  # e.g. a teacher or student file passed as --classifier
+        raise ValueError(f"{path} is not a feature classifier (no 'config' in its header); pass the file that "
+                         "`dmd2lab train-classifier` writes (data/fmnist_classifier.safetensors)")
     classifier = FeatureClassifier(**json.loads(metadata["config"]))
     classifier.load_state_dict(load_file(str(path)))
     classifier.metadata = metadata

@@ -120,7 +120,14 @@ class EDMDenoiser(nn.Module):
         c_in = 1 / (s2 + d2).sqrt()
         return tuple(append_dims(c, x.ndim) for c in (c_skip, c_out, c_in)) + (sigma.log() / 4,)
 
-    def _check_labels(self, x: Tensor, class_labels: Tensor | None):
+    def _check_inputs(self, x: Tensor, class_labels: Tensor | None):
+        # Checked here because the UNet's own errors (a conv's weight shape, a skip connection's size) name neither
+        # the input nor what it should be.
+        channels, size = self.unet.config.in_channels, 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[-1] % size or x.shape[-2] % size:
+            raise ValueError(f"x must be a batch of {channels}-channel images (N, {channels}, H, W), H and W multiples "
+                             f"of {size}, for this denoiser; got shape {tuple(x.shape)}. Images of the denoiser's own "
+                             f"dataset fit: image_shape(denoiser) = {image_shape(self)}")
         if self.num_classes and class_labels is None:
             raise ValueError(f"this denoiser is class-conditional ({self.num_classes} classes): pass class_labels")
         if not self.num_classes and class_labels is not None:
@@ -129,7 +136,7 @@ class EDMDenoiser(nn.Module):
             raise ValueError(f"class_labels must have shape ({x.shape[0]},); got {tuple(class_labels.shape)}")
 
     def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
-        self._check_labels(x, class_labels)
+        self._check_inputs(x, class_labels)
         c_skip, c_out, c_in, c_noise = self._coefficients(x, sigma)
         x32 = x.float()
         out = self.unet(c_in * x32, c_noise, class_labels=class_labels).sample
@@ -137,7 +144,7 @@ class EDMDenoiser(nn.Module):
 
     def features(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
         """The mid-block output of F at (c_in x, c_noise): DMD2's GAN-head input (Sec. 4.3)."""
-        self._check_labels(x, class_labels)
+        self._check_inputs(x, class_labels)
         _, _, c_in, c_noise = self._coefficients(x, sigma)
         return bottleneck(lambda: self.unet(c_in * x.float(), c_noise, class_labels=class_labels),
                           self.unet.mid_block)
@@ -220,12 +227,18 @@ def load_vp_teacher(path_or_id: str, subfolder: str | None = None) -> tuple[VPDe
         unet = load(UNet2DModel, subfolder or "unet")
         scheduler = load(DDPMScheduler, "scheduler")
     except (OSError, ValueError) as e:
+        # Say which case it is: a folder that lacks files, or a name that is no folder here (a hub id, which offline
+        # cannot download, or a mistyped path).
+        folder = Path(path_or_id).expanduser().resolve()
+        where = (f"The folder {folder} exists; put in it" if folder.is_dir() else
+                 f"There is no folder {folder}; a hub id loads only online (not with HF_HUB_OFFLINE=1), so make that "
+                 f"folder (`huggingface-cli download {path_or_id} --local-dir {folder}` on a machine with internet) "
+                 "and put in it")
         raise FileNotFoundError(
-            f"could not load a diffusers VP model from {path_or_id!r} ({type(e).__name__}: {str(e)[:200]}). Put there "
-            "a diffusers pipeline folder (unet/config.json + unet/diffusion_pytorch_model.safetensors and "
-            "scheduler/scheduler_config.json) or a model folder with config.json, the weights and "
-            "scheduler_config.json at its root (e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR` "
-            "on a machine with internet); offline (HF_HUB_OFFLINE=1) only local folders load.") from e
+            f"could not load a diffusers VP model from {path_or_id!r} ({type(e).__name__}: {str(e)[:200]}). {where} "
+            "a diffusers pipeline (unet/config.json + unet/diffusion_pytorch_model.safetensors and "
+            "scheduler/scheduler_config.json) or a model with config.json, the weights and scheduler_config.json at "
+            "its root.") from e
     return VPDenoiser(unet, scheduler, str(path_or_id)), scheduler
 
 
@@ -324,16 +337,17 @@ def count_parameters(module: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_denoiser(denoiser: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write a denoiser (any wrapper here) as one safetensors file: its weights, and its ``config()`` (how to rebuild
-    it: a UNet config, or the pretrained source it was loaded from) plus ``metadata`` (how it was made, its
-    metrics) as JSON in the header. Written to a temporary name and renamed, so a crash mid-write never leaves a
-    torn file under the final name."""
+def save_denoiser(denoiser: nn.Module, path: str | Path, metadata: dict | None = None,
+                  tensors: dict[str, Tensor] | None = None) -> Path:
+    """Write a denoiser (any wrapper here) as one safetensors file: its weights (or ``tensors``, its whole state
+    gathered from FSDP shards), and its ``config()`` (how to rebuild it: a UNet config, or the pretrained source it
+    was loaded from) plus ``metadata`` (how it was made, its metrics) as JSON in the header. Written to a temporary
+    name and renamed, so a crash mid-write never leaves a torn file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"dmd2lab_config": json.dumps(denoiser.config(), default=list),
               "dmd2lab_metadata": json.dumps(metadata or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or denoiser.state_dict()).items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)
@@ -367,7 +381,8 @@ def load_denoiser(path: str | Path, device="cpu") -> nn.Module:
     elif config["kind"] == "edm_pickle":
         denoiser = load_edm_pickle(config["source"], config["edm_code"])
     else:
-        raise ValueError(f"{path}: unknown denoiser kind {config['kind']!r}")
+        raise ValueError(f"{path}: unknown denoiser kind {config['kind']!r} in its header (expected edm, vp or "
+                         "edm_pickle); pass a file written by dmd2lab's save_denoiser (train-teacher, distill)")
     tensors = load_file(str(path))
     expected = denoiser.state_dict()
     if set(tensors) != set(expected):

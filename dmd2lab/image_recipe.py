@@ -27,6 +27,7 @@ from torch import Tensor
 from . import dmd, image_data, image_metrics, labs
 from .diffusion import NoiseSchedule, add_noise, edm_sampler, sampler_evaluations
 from .dmd import GANHead
+from . import distributed
 from .image_models import (UNET_PRESETS, EDMDenoiser, OneStepGenerator, VPDenoiser, edm_sigmas, image_shape,
                            load_denoiser, load_teacher, read_metadata, save_denoiser, trainable_copy)
 from .objective import CriticWithHead, DenoiserObjective, DMD2Objective, DMD2Settings, bind
@@ -36,7 +37,9 @@ from .train import Player, Trainer, TrainConfig
 @dataclass
 class RunSettings:
     """How a training run runs, the same for teachers and distillation: seed, device, precision and speed options,
-    a wall-clock limit (0 = none), progress bar. Logging and checkpoint periods are each recipe's own."""
+    a wall-clock limit (0 = none), progress bar, and scale: micro-batches accumulated per step, FSDP (None: as the
+    launcher's accelerate config says) and its shard size (docs/scaling.md; ``batch_size`` is per micro-batch).
+    Logging and checkpoint periods are each recipe's own."""
 
     seed: int = 0
     device: str = "auto"
@@ -45,6 +48,9 @@ class RunSettings:
     compile: bool = False
     time_limit_s: float = 0.0
     progress: bool = True
+    gradient_accumulation: int = 1
+    fsdp: bool | None = None
+    fsdp_min_params: int | None = None
 
 
 @dataclass
@@ -114,14 +120,19 @@ def load_config(kind: str, path: str | Path | None = None, overrides: dict | Non
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found; the shipped ones are configs/fmnist.yaml, "
                                     "configs/cifar10.yaml and configs/imagenet64.yaml")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict) or not isinstance(loaded.get(kind), dict):
-            raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings (sections: "
-                             f"{', '.join(CONFIG_KINDS)})")
-        unknown_sections = sorted(set(loaded) - set(CONFIG_KINDS))
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # the parser's own error is a multi-line traceback that names no fix
+            raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())}); fix the line it names, "
+                             "e.g. as configs/fmnist.yaml writes its settings") from e
+        # Unknown sections first: a misspelt 'techer:' is then named, not reported as a missing 'teacher:'.
+        unknown_sections = sorted(set(loaded) - set(CONFIG_KINDS)) if isinstance(loaded, dict) else []
         if unknown_sections:
             raise ValueError(f"{path}: unknown section(s) {unknown_sections}; the sections are "
                              f"{', '.join(CONFIG_KINDS)}")
+        if not isinstance(loaded, dict) or not isinstance(loaded.get(kind), dict):
+            raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings (sections: "
+                             f"{', '.join(CONFIG_KINDS)})")
         values.update(loaded[kind])
     values.update(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -172,8 +183,15 @@ def _validate(config):
     for name in ("steps", "batch_size", "log_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1; got {getattr(config, name)}")
-    if isinstance(config, TeacherConfig) and config.unet not in UNET_PRESETS:
-        raise ValueError(f"unknown unet preset {config.unet!r}; expected one of {sorted(UNET_PRESETS)}")
+    if isinstance(config, TeacherConfig):
+        if config.unet not in UNET_PRESETS:
+            raise ValueError(f"unknown unet preset {config.unet!r}; expected one of {sorted(UNET_PRESETS)}")
+        # Known from the names alone, so a mismatch fails before the dataset is loaded.
+        unet, info = UNET_PRESETS[config.unet], image_data.DATASETS[config.dataset]
+        if unet["in_channels"] != info.channels or unet["sample_size"] != info.resolution:
+            raise ValueError(f"unet preset {config.unet!r} takes {unet['in_channels']}x{unet['sample_size']}^2 images "
+                             f"but {config.dataset} is {info.channels}x{info.resolution}^2; pick the matching preset "
+                             f"(unet={config.dataset})")
     if isinstance(config, DistillConfig):
         if config.student_steps < 1:
             raise ValueError(f"student_steps must be >= 1 (1 = DMD2's one-step generator); got {config.student_steps}")
@@ -187,8 +205,19 @@ def _validate(config):
 
 def resolve_device(device: str) -> torch.device:
     """The labs' device rule (:func:`dmd2lab.labs.resolve_device`: 'auto' -> cuda when visible, else cpu; a named
-    device must be usable) as a torch.device."""
+    device must be usable) as a torch.device; under torchrun / accelerate launch, this rank's device, in the
+    launch's process group (:func:`dmd2lab.distributed.process_device`)."""
+    if distributed.launched():
+        return distributed.process_device(device)
     return torch.device(labs.resolve_device(device))
+
+
+def output_folder(path: str | Path | None) -> None:
+    """Fail at once if an output folder is an existing file: the training loop would otherwise find out at its first
+    log write, after the data, the models and some steps."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise NotADirectoryError(f"output folder {path} (--out) is a file; pass a folder (created if missing) or "
+                                 "move the file away")
 
 
 def _prepare_module(module: torch.nn.Module, config) -> torch.nn.Module:
@@ -205,12 +234,10 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenois
     (the EMA weights) and returns (teacher, its path)."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    output_folder(out_dir)
     data = image_data.load_images(config.dataset, "train", config.data_root)
     info = data.info
     unet = dict(UNET_PRESETS[config.unet], num_class_embeds=info.num_classes if config.class_conditional else None)
-    if unet["in_channels"] != info.channels or unet["sample_size"] != info.resolution:
-        raise ValueError(f"unet preset {config.unet!r} takes {unet['in_channels']}x{unet['sample_size']}^2 images but "
-                         f"{config.dataset} is {info.channels}x{info.resolution}^2; pick the matching preset")
     denoiser = _prepare_module(EDMDenoiser.from_config(unet, config.sigma_data).to(device), config)
     sampler = labelled_sampler(data, device) if config.class_conditional else image_data.real_sampler(
         data, info.resolution, device)
@@ -221,9 +248,8 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path) -> tuple[EDMDenois
                                                     ema_decay=config.ema_decay)},
                       _train_config(config), out_dir)
     trainer.fit()
-    teacher = trainer.module("teacher")
-    return teacher, save_denoiser(teacher, Path(out_dir) / "teacher.safetensors",
-                                  _run_metadata("teacher", trainer, config, device))
+    return trainer.module("teacher"), save_player(trainer, "teacher", Path(out_dir) / "teacher.safetensors",
+                                                  _run_metadata("teacher", trainer, config, device))
 
 
 def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Tensor, dict]]:
@@ -239,7 +265,7 @@ def labelled_sampler(data, device) -> Callable[[int, torch.Generator], tuple[Ten
 def _run_metadata(role: str, trainer: Trainer, config, device: torch.device, **extra) -> dict:
     """What a model file records of the run that made it; says so when a time limit stopped the run early."""
     complete = trainer.step == config.steps
-    if not complete:
+    if not complete and distributed.is_main():
         print(f"stopped by time_limit_s ({config.time_limit_s:g} s) at step {trainer.step}/{config.steps}; the model "
               "written is that step's (its file says complete: false); run the same command again to resume")
     return {"role": role, "dataset": config.dataset, **extra, "steps": trainer.step, "complete": complete,
@@ -251,7 +277,8 @@ def _train_config(config) -> TrainConfig:
     return TrainConfig(steps=config.steps, seed=config.seed, log_every=config.log_every,
                        eval_every=getattr(config, "eval_every", 0), checkpoint_every=config.checkpoint_every,
                        progress=config.progress, mixed_precision=config.mixed_precision,
-                       time_limit_s=config.time_limit_s)
+                       time_limit_s=config.time_limit_s, gradient_accumulation=config.gradient_accumulation,
+                       fsdp=config.fsdp, fsdp_min_params=config.fsdp_min_params)
 
 
 def _device_name(device: torch.device) -> str:
@@ -285,6 +312,7 @@ def build_distillation(config: DistillConfig, out_dir: str | Path | None = None,
     ``evaluate(trainer) -> metrics`` replaces the config's classifier-FID evaluation (every ``eval_every`` steps).
     ``trainer.fit()`` runs it and resumes from ``out_dir``'s last checkpoint."""
     device = resolve_device(config.device)
+    output_folder(out_dir)
     torch.manual_seed(config.seed)
     teacher = load_teacher(config.teacher, device, config.edm_code)
     if str(config.teacher).endswith(".safetensors") and read_metadata(config.teacher)[1].get("complete") is False:
@@ -366,8 +394,20 @@ def distill(config: DistillConfig, out_dir: str | Path, generator_init: str | Pa
     run = build_distillation(config, out_dir, generator_init)
     run.trainer.fit()
     meta = _run_metadata("student", run.trainer, config, resolve_device(config.device), sigmas=list(run.sigmas))
-    return run, save_denoiser(student_network(run.trainer.module("generator")), Path(out_dir) / "student.safetensors",
-                              meta)
+    return run, save_player(run.trainer, "generator", Path(out_dir) / "student.safetensors", meta)
+
+
+def save_player(trainer: Trainer, name: str, path: Path, metadata: dict) -> Path:
+    """Write a trained player's network (its EMA weights when kept; a one-step generator's denoiser) as a model
+    file. Every rank calls it (a sharded player is gathered by all); the main rank writes."""
+    module = trainer.module(name)
+    network = student_network(module)
+    prefix = "denoiser." if network is not module else ""
+    tensors = {k[len(prefix):]: v for k, v in trainer.full_state(name).items() if k.startswith(prefix)}
+    if distributed.is_main():
+        save_denoiser(network, path, metadata, tensors)
+    distributed.barrier()
+    return path
 
 
 def fitting_classifier(path: str | Path, reference: Tensor, dataset: str):
@@ -501,9 +541,12 @@ def sample_to_files(model: str | Path, out: str | Path, num: int, num_steps: int
                     device: str = "auto", batch_size: int = 256) -> Path:
     """Sample ``num`` images, write a PNG grid to ``out`` and the images (uint8, native size) beside it as .pt."""
     from torchvision.utils import save_image
+    out = Path(out)
+    if out.is_dir():  # checked before sampling, which may take minutes
+        raise IsADirectoryError(f"--out {out} is a folder; pass the PNG file to write, e.g. {out / 'samples.png'}")
+    output_folder(out.parent)
     sample, _, meta = file_sampler(model, num_steps, resolve_device(device))
     images = torch.cat([sample(min(batch_size, num - i), seed + i) for i in range(0, num, batch_size)]).cpu()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, str(out), nrow=max(1, int(num ** 0.5)))
     size = image_data.DATASETS[meta.get("dataset", "fmnist")].size
@@ -517,11 +560,13 @@ def evaluate_file(model: str | Path, classifier: str | Path, num: int, num_steps
     """Classifier FID (and Inception FID/KID) of ``num`` samples of a model file against the first ``reference``
     test images (None: all of them), and its sampling speed."""
     device = resolve_device(device)
+    if classifier is None and not inception:
+        raise ValueError("nothing to measure with: give --classifier (Fashion-MNIST) or --inception")
+    if inception:
+        image_metrics.inception_path()  # a missing Inception file fails here, not after the model and data load
     sample, nfe, meta = file_sampler(model, num_steps, device)
     test = image_data.load_images(meta.get("dataset", "fmnist"), "test", data_root, limit=reference)
     reference = image_data.to_model_range(test.images, test.info.resolution).to(device)
-    if classifier is None and not inception:
-        raise ValueError("nothing to measure with: give --classifier (Fashion-MNIST) or --inception")
     features = fitting_classifier(classifier, reference, meta.get("dataset")) if classifier is not None else None
     rows, _ = evaluate_models({"model": (sample, nfe)}, reference, features,
                               image_metrics.InceptionFeatures(device=device) if inception else None, num, seed,

@@ -78,14 +78,20 @@ def check_injected_parameters(parameters_cell: str, injected_cell: str) -> None:
         raise ValueError(f"unknown lab parameter(s) {', '.join(unknown)}; this lab accepts: "
                          f"{', '.join(sorted(declared))}")
     for name, value in injected.items():
-        default = declared[name]
-        if default is None or value is None:
-            continue
-        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-        if isinstance(default, (int, float)) and isinstance(value, bool) and not isinstance(default, bool):
-            ok = False
-        if not ok:
-            raise TypeError(f"lab parameter {name!r} must be {type(default).__name__} (default {default!r}); "
+        problem = _type_problem(name, declared[name], value)
+        if problem:
+            raise TypeError(problem)
+
+
+def _type_problem(name: str, default, value) -> str | None:
+    """Why ``value`` does not fit a parameter whose default is ``default`` (None when it fits, or either is None):
+    the same type, an int for a float, never a bool for a number."""
+    if default is None or value is None:
+        return None
+    ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+    if isinstance(default, (int, float)) and isinstance(value, bool) and not isinstance(default, bool):
+        ok = False
+    return None if ok else (f"lab parameter {name!r} must be {type(default).__name__} (default {default!r}); "
                             f"got {value!r} ({type(value).__name__})")
 
 
@@ -252,19 +258,31 @@ def run_labs(lab_dir: str | Path = "labs", out_dir: str | Path = "runs", only: l
     """Execute the labs headless with papermill, write ``out_dir/<lab>.ipynb``, ``<lab>.json`` and
     ``summary.md`` / ``summary.json``; return the number of labs that failed. ``smoke``: each lab's tiny
     settings (:func:`smoke_parameters`, under any ``parameters`` given), claims reported but not checked."""
-    labs = find_labs(lab_dir)
+    labs = all_labs = find_labs(lab_dir)
     if only:
         labs = [p for p in labs if any(p.stem.startswith(o) or p.stem == o for o in only)]
         if not labs:
-            raise ValueError(f"--only {only} matches no lab in {lab_dir}")
+            raise ValueError(f"--only {only} matches no lab in {lab_dir}; the labs are "
+                             f"{', '.join(p.stem for p in all_labs)} (a prefix such as 01 is enough)")
     parameters = dict(parameters or {})
     if "results_path" in parameters:
         raise ValueError("results_path is set per lab by the runner (<out>/<lab>.json); choose the folder with --out")
     declared = {p: declared_parameters(p) for p in labs}
     unknown = [k for k in parameters if not any(k in d for d in declared.values())]
     if unknown:
-        raise ValueError(f"parameter(s) {', '.join(unknown)} are declared by none of the selected labs")
+        valid = sorted({k for d in declared.values() for k in d} - {"results_path"})
+        raise ValueError(f"parameter(s) {', '.join(unknown)} are declared by none of the selected labs; they "
+                         f"accept: {', '.join(valid)} (`dmd2lab labs list` shows each lab's)")
+    # Types are checked here, as each lab's start() would, so a wrong value fails at once instead of once per lab
+    # after a kernel has started.
+    for lab in labs:
+        for name, value in parameters.items():
+            problem = _type_problem(name, declared[lab].get(name), value)
+            if problem:
+                raise ValueError(f"{problem}, in {lab.stem}")
     out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; pass a folder for the executed labs (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for lab in labs:

@@ -9,7 +9,7 @@ from torch import nn
 from dmd2lab import toy2d, toy_experiments as tx
 from dmd2lab.diffusion import NoiseSchedule
 from dmd2lab.objective import DenoiserObjective, DMD2Objective, DMD2Settings
-from dmd2lab.train import CheckpointError, NonFiniteError, Player, TrainConfig, Trainer, latest_checkpoint
+from dmd2lab.train import CheckpointError, NonFiniteError, Player, TrainConfig, Trainer, _write_manifest, latest_checkpoint
 
 torch.set_num_threads(1)
 
@@ -142,7 +142,7 @@ def test_truncated_checkpoint_is_a_clear_error_not_a_fresh_start(tmp_path):
     _toy_trainer(10, tmp_path).fit()
     weights = latest_checkpoint(tmp_path) / "models.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="is corrupt: models.safetensors differs"):
         _toy_trainer(20, tmp_path).fit()
 
 
@@ -300,6 +300,7 @@ def test_resume_on_another_device_kind_warns_and_continues(tmp_path):
     state = torch.load(state_path, weights_only=False)
     state["rng_device"], state["rng"] = "cuda", torch.zeros(16, dtype=torch.uint8)
     torch.save(state, state_path)
+    _write_manifest(state_path.parent)  # as the GPU machine would have recorded it
     resumed = _toy_trainer(6, tmp_path)
     with pytest.warns(UserWarning, match="written with a cuda random generator"):
         resumed.fit()
