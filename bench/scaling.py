@@ -57,7 +57,7 @@ def toy_row(args, device: torch.device) -> dict:
             "peak_mem_GB": peak_memory_gb(torch.device("cpu"))}
 
 
-def image_run(args, folder: Path):
+def image_run(args, folder: Path, fsdp: bool):
     from dmd2lab import image_data, image_recipe as recipe
     from dmd2lab.image_models import UNET_PRESETS, EDMDenoiser, save_denoiser
     torch.manual_seed(0)
@@ -69,12 +69,12 @@ def image_run(args, folder: Path):
                                                         dtype=torch.uint8), torch.zeros(512, dtype=torch.long), info)
     config = recipe.load_config("distill", None, dict(
         teacher=str(path), batch_size=args.batch, steps=10 ** 6, warmup_steps=0, progress=False, device=args.device,
-        checkpoint_every=0, log_every=10 ** 6, fsdp=args.fsdp, fsdp_min_params=100_000))
+        checkpoint_every=0, log_every=10 ** 6, fsdp=fsdp, fsdp_min_params=100_000))
     return recipe.build_distillation(config, None, data=data), recipe.resolve_device(args.device)
 
 
 def image_row(args, folder: Path) -> dict:
-    run, device = image_run(args, folder)
+    run, device = image_run(args, folder, fsdp=False)
     step_s = timed_steps(run.trainer, args.steps, 5, device)
     return {"backend": f"image, fmnist UNet 0.62M (batch {args.batch}, GAN)", "steps_per_s": 1 / step_s,
             "samples_per_s": args.batch / step_s, "peak_mem_GB": peak_memory_gb(device)}
@@ -85,7 +85,7 @@ def worker(args):
     from dmd2lab import distributed
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        run, device = image_run(args, Path(folder))
+        run, device = image_run(args, Path(folder), args.fsdp)
         step_s = timed_steps(run.trainer, args.steps, 5, device)
     if distributed.is_main():
         world = distributed.world_size()
