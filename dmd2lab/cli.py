@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     grading.add_argument("--timeout", type=int, default=120,
                          help="seconds allowed per notebook (each runs in a process of its own); past it, that notebook scores what it had not reached as 0 (default: 120)")
     _image_commands(commands)
+    _t2i_commands(commands)
     return parser
 
 
@@ -136,6 +138,77 @@ def _image_commands(commands):
     evaluate.add_argument("--json", help="write the metrics here too")
 
 
+T2I_COMMANDS = ("prepare-t2i", "distill-t2i", "sample-t2i")
+
+
+def _t2i_commands(commands):
+    prepare = commands.add_parser(
+        "prepare-t2i", help="encode image-caption pairs once with a text-to-image teacher (the GAN's real data)",
+        description="Find image-caption pairs in DATA (images with same-stem .txt captions, metadata.jsonl / "
+                    "captions.jsonl lines {\"file_name\": ..., \"text\": ...}, or webdataset .tar shards with "
+                    "KEY.jpg + KEY.txt), resize and center-crop them to the model's resolution, encode them with its "
+                    "VAE and text encoders, and cache them in OUT as safetensors shards + index.json. Resumable: a "
+                    "re-run skips finished shards.")
+    prepare.add_argument("--pretrained", required=True, help="the teacher: a diffusers pipeline folder or a hub id")
+    prepare.add_argument("--data", required=True, help="a folder of image-caption pairs or .tar shards, or one shard")
+    prepare.add_argument("--out", required=True, help="cache folder (created if missing)")
+    prepare.add_argument("--kind", choices=("sdxl", "sd15"), help="default: read from the folder's model_index.json")
+    prepare.add_argument("--resolution", type=int, help="image size in pixels (default: the model's native size)")
+    prepare.add_argument("--batch-size", type=int, default=8, help="images encoded at once (default: 8)")
+    prepare.add_argument("--shard-size", type=int, default=256, help="pairs per cache shard (default: 256)")
+    prepare.add_argument("--variant", help="weights variant of the folder, e.g. fp16")
+    prepare.add_argument("--device", default="auto")
+    distill = commands.add_parser(
+        "distill-t2i", help="DMD2 on SDXL / SD1.5 (resumable); exports the student as a diffusers pipeline",
+        description="DMD2 text-to-image distillation (generator, critic, GAN head on the real pairs of a prepare-t2i "
+                    "cache, TTUR; a K-step student with backward simulation): settings from --config's t2i section, "
+                    "then --set name=value pairs (an unknown name is an error that lists the valid ones). Resumes from "
+                    "OUT's last checkpoint; writes OUT/export (a stock diffusers pipeline) and, for a LoRA student, "
+                    "OUT/export_lora.")
+    distill.add_argument("--config", help="YAML recipe, e.g. configs/sdxl.yaml or configs/sd15.yaml")
+    distill.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, export/")
+    distill.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="override a setting")
+    sample = commands.add_parser(
+        "sample-t2i", help="sample an exported text-to-image student: one PNG per prompt",
+        description="Sample RUN/export through stock diffusers (StableDiffusionXLPipeline / StableDiffusionPipeline "
+                    "with its LCMScheduler, guidance 0) at the student's own timesteps; writes OUT/00000.png, ... and "
+                    "OUT/metadata.jsonl.")
+    sample.add_argument("--model", required=True, help="an exported student folder (RUN/export)")
+    sample.add_argument("--prompts", required=True, help="prompt file, one prompt per line")
+    sample.add_argument("--out", required=True, help="folder for the PNGs")
+    sample.add_argument("--steps", type=int, help="student steps (default: the export's own)")
+    sample.add_argument("--timesteps", type=int, nargs="+", help="explicit timesteps, e.g. 999 749 499 249")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=4)
+    sample.add_argument("--device", default="auto")
+
+
+def t2i_main(args) -> int:
+    from . import image_recipe, t2i_data, t2i_recipe
+    if args.command != "distill-t2i" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Ranks would write the same cache files / PNGs over each other.
+        raise ValueError(f"{args.command} runs as one process; start it without torchrun / accelerate launch")
+    if args.command == "prepare-t2i":
+        index, encoded = t2i_data.prepare_t2i_cache(
+            args.pretrained, args.data, args.out, args.kind, args.resolution, args.batch_size,
+            image_recipe.resolve_device(args.device), args.shard_size, args.variant)
+        total = json.loads(index.read_text())["data"]["pairs"]
+        print(f"encoded {encoded} of {total} pairs into {index.parent}" if encoded else
+              f"{index.parent} already holds all {total} pairs; nothing to encode")
+        return 0
+    if args.command == "distill-t2i":
+        recipe = image_recipe.load_config("t2i", args.config, _settings(args.set))
+        _, paths = t2i_recipe.distill_t2i(recipe, args.out)
+        if image_recipe.distributed.is_main():  # one line each, not one per rank
+            for path in paths.values():
+                print(f"wrote {path}")
+        return 0
+    paths = t2i_recipe.sample_t2i(args.model, args.prompts, args.out, args.steps, args.timesteps, args.seed,
+                                  args.device, args.batch_size)
+    print(f"wrote {len(paths)} images to {args.out}")
+    return 0
+
+
 def image_main(args) -> int:
     from . import image_recipe as recipe
     if args.command in ("train-teacher", "distill"):
@@ -198,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "course":
             return course_main(args)
+        if args.command in T2I_COMMANDS:
+            return t2i_main(args)
         if args.command != "labs":
             return image_main(args)
         if args.labs_command == "list":

@@ -80,6 +80,13 @@ def micro_batch_generator(seed: int, step: int, index: int, device: torch.device
     return torch.Generator(device=device).manual_seed(int(state))
 
 
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A random stream of loop step ``step`` that every micro-batch and rank shares (for draws the whole global batch
+    must agree on, such as a K-step student's step index)."""
+    state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
 def micro_batch_indices(accumulation: int) -> list[int]:
     """The micro-batches this rank draws in a step: rank r takes r*A .. r*A + A - 1, so every index in
     0 .. world*A - 1 is drawn exactly once."""

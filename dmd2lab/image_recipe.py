@@ -106,54 +106,79 @@ class DistillConfig(RunSettings):
 
 
 CONFIG_KINDS = {"teacher": TeacherConfig, "distill": DistillConfig}
+#: A YAML file's sections: the image recipes' ``teacher`` and ``distill``, and the text-to-image recipe's ``t2i``
+#: (:class:`dmd2lab.t2i_recipe.T2IRecipe`, imported when asked for: it imports this module).
+CONFIG_SECTIONS = (*CONFIG_KINDS, "t2i")
+
+
+def config_class(kind: str) -> type:
+    """The settings dataclass of a config section."""
+    if kind == "t2i":
+        from .t2i_recipe import T2IRecipe
+        return T2IRecipe
+    return CONFIG_KINDS[kind]
 
 
 def load_config(kind: str, path: str | Path | None = None, overrides: dict | None = None):
-    """A :class:`TeacherConfig` or :class:`DistillConfig` from the ``kind`` section of a YAML file, then
-    ``overrides`` (CLI ``--set``, papermill parameters). Unknown names and wrong types are errors that name the
-    field and list the valid ones."""
-    cls = CONFIG_KINDS[kind]
+    """A :class:`TeacherConfig`, :class:`DistillConfig` or (``kind`` 't2i') text-to-image recipe from the ``kind``
+    section of a YAML file, then ``overrides`` (CLI ``--set``, papermill parameters). Unknown names and wrong types
+    are errors that name the field and list the valid ones."""
+    cls = config_class(kind)
     values: dict = {}
     if path is not None:
-        import yaml
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found; the shipped ones are configs/fmnist.yaml, "
-                                    "configs/cifar10.yaml and configs/imagenet64.yaml")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:  # the parser's own error is a multi-line traceback that names no fix
-            raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())}); fix the line it names, "
-                             "e.g. as configs/fmnist.yaml writes its settings") from e
-        # Unknown sections first: a misspelt 'techer:' is then named, not reported as a missing 'teacher:'.
-        unknown_sections = sorted(set(loaded) - set(CONFIG_KINDS)) if isinstance(loaded, dict) else []
-        if unknown_sections:
-            raise ValueError(f"{path}: unknown section(s) {unknown_sections}; the sections are "
-                             f"{', '.join(CONFIG_KINDS)}")
-        if not isinstance(loaded, dict) or not isinstance(loaded.get(kind), dict):
-            raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings (sections: "
-                             f"{', '.join(CONFIG_KINDS)})")
-        values.update(loaded[kind])
+        values.update(_yaml_section(kind, Path(path)))
     values.update(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        run = [f.name for f in dataclasses.fields(RunSettings)]
+        run = [f.name for f in dataclasses.fields(RunSettings) if f.name in fields]
         valid = [name for name in fields if name not in run] + run  # the recipe's own settings first
         raise ValueError(f"unknown {kind} setting(s) {unknown}; valid: {', '.join(valid)}")
     for name, value in values.items():
         values[name] = _checked_type(cls, fields[name], value)
     config = cls(**values)
-    _validate(config)
+    if isinstance(config, RunSettings):
+        _validate(config)  # the text-to-image recipe checks itself when built
     return config
+
+
+def _yaml_section(kind: str, path: Path) -> dict:
+    import yaml
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; the shipped ones are configs/fmnist.yaml, "
+                                "configs/cifar10.yaml, configs/imagenet64.yaml (images) and configs/sdxl.yaml, "
+                                "configs/sd15.yaml (text-to-image)")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # the parser's own error is a multi-line traceback that names no fix
+        raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())}); fix the line it names, "
+                         "e.g. as configs/fmnist.yaml writes its settings") from e
+    # Unknown sections first: a misspelt 'techer:' is then named, not reported as a missing 'teacher:'.
+    unknown_sections = sorted(set(loaded) - set(CONFIG_SECTIONS)) if isinstance(loaded, dict) else []
+    if unknown_sections:
+        raise ValueError(f"{path}: unknown section(s) {unknown_sections}; the sections are "
+                         f"{', '.join(CONFIG_SECTIONS)}")
+    if not isinstance(loaded, dict) or not isinstance(loaded.get(kind), dict):
+        raise ValueError(f"{path}: expected a mapping with a '{kind}:' section of settings (sections: "
+                         f"{', '.join(CONFIG_SECTIONS)}){_other_recipe_hint(loaded, kind)}")
+    return loaded[kind]
+
+
+def _other_recipe_hint(loaded, kind: str) -> str:
+    """The likely mix-up, named: a text-to-image recipe given to an image command, or the other way round."""
+    if not isinstance(loaded, dict) or not loaded:
+        return ""
+    if "t2i" in loaded:
+        return "; it is a text-to-image recipe: run it with `dmd2lab distill-t2i`"
+    return "; it is an image recipe: run it with `dmd2lab distill` or `dmd2lab train-teacher`" if kind == "t2i" else ""
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
 def _checked_type(cls, f: dataclasses.Field, value):
-    """``value`` if it fits the field's annotation (``int``, ``float``, ``str``, ``bool``, optionally ``| None``);
-    ints become floats for float fields."""
+    """``value`` if it fits the field's annotation (``int``, ``float``, ``str``, ``bool``, ``tuple[...]`` of those,
+    optionally ``| None``); ints become floats for float fields, lists tuples for tuple fields."""
     kinds = [k.strip() for k in str(f.type).split("|")]
     if value is None and "None" in kinds:
         return None
@@ -164,11 +189,26 @@ def _checked_type(cls, f: dataclasses.Field, value):
             value = float(value)
         except ValueError:
             pass
-    ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
-    if not ok:
+    if base.startswith("tuple["):  # e.g. image_size: [1024, 1024] (YAML has lists, not tuples)
+        items = [k.strip() for k in base[len("tuple["):-1].split(",")]
+        ok = isinstance(value, (list, tuple)) and len(value) == len(items) and all(
+            _fits(v, k) for v, k in zip(value, items))
+        if not ok:
+            raise ValueError(f"{cls.__name__}.{f.name} must be a list [{', '.join(items)}]"
+                             f"{' or null' if 'None' in kinds else ''}; got {value!r}")
+        return tuple(float(v) if k == "float" else v for v, k in zip(value, items))
+    if base == "str" and isinstance(value, bool):
+        raise ValueError(f"{cls.__name__}.{f.name} must be str; got {value!r}: YAML reads unquoted no/yes/off/on as "
+                         f"booleans, so quote it ({f.name}: \"no\" in a file, --set {f.name}='\"no\"' on a "
+                         "command line)")
+    if not _fits(value, base):
         raise ValueError(f"{cls.__name__}.{f.name} must be {base}{' or null' if 'None' in kinds else ''}; "
                          f"got {value!r} ({type(value).__name__})")
     return float(value) if base == "float" else value
+
+
+def _fits(value, base: str) -> bool:
+    return isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
 
 
 def _validate(config):

@@ -30,6 +30,7 @@ SMOKE_PARAMETERS: dict[str, dict[str, object]] = {
     "03": dict(teacher_steps=50, warm_start_steps=20, generator_steps=10, num_real=500, num_eval=300),
     "04": dict(teacher_steps=50, generator_steps=20, num_real=500, num_eval=300, num_mismatch=64),
     "05": dict(teacher_steps=2, num_images=32, speed_images=8, live_steps=10, live_batch=4),
+    "06": dict(steps=2, batch_size=2, num_pairs=8, teacher_steps=4, speed_batches=1),
     "07": dict(teacher_steps=50, warm_start_steps=20, exact_steps=10, generator_steps=10, guided_steps=10,
                multistep_steps=20, num_pairs=128, num_real=500, num_eval=300),
 }

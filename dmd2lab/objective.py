@@ -145,6 +145,17 @@ def concat_conditions(a: dict, b: dict) -> dict:
     return {k: concat_conditions(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
 
 
+def select_conditions(conditions: dict, index: Tensor) -> dict:
+    """Rows ``index`` of every tensor of a conditions dict, nested dicts too."""
+    return {k: select_conditions(v, index) if isinstance(v, dict) else v[index.to(v.device)]
+            for k, v in conditions.items()}
+
+
+def batch_sizes(conditions: dict) -> set[int]:
+    """The batch sizes (first dimensions) found in a conditions dict, nested dicts too: {n} when consistent."""
+    return set().union(*(batch_sizes(v) if isinstance(v, dict) else {v.shape[0]} for v in conditions.values()))
+
+
 class DMD2Objective:
     """DMD2's two players (Algorithm 1): the generator descends the DM loss (+ the GAN loss, + optionally DMD1's
     regression loss); the critic ("fake score") fits the generator's current samples by denoising score
@@ -223,7 +234,8 @@ class DMD2Objective:
             raise TypeError("with sample_conditions, sample_real must return (real data, its conditions dict)")
         return real
 
-    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator,
+                shared: torch.Generator | None = None) -> dict:
         s = self.settings
         z = self.sample_latents(s.batch_size, rng)
         conditions = self.sample_conditions(z.shape[0], rng) if self.sample_conditions is not None else {}
@@ -237,7 +249,10 @@ class DMD2Objective:
             return context
         # DP-DMD: the DM loss trains steps 1.. only; step 0 learns the teacher's prediction on every update.
         first = 1 if s.first_step_target_prediction else 0
-        k = int(torch.randint(first, len(s.student_sigmas), (), generator=rng, device=rng.device))
+        # One k for the whole global batch (DMD2), from the stream every micro-batch and rank of the step shares: the
+        # ranks then run the same number of generator passes (FSDP's gathers must pair up across ranks).
+        shared = rng if shared is None else shared
+        k = int(torch.randint(first, len(s.student_sigmas), (), generator=shared, device=shared.device))
         if s.backward_simulation:
             student_input = dmd.backward_simulation(bind(self.generator, conditions), z, s.student_sigmas, k, rng)
         else:
@@ -346,7 +361,8 @@ class GuidedDMDObjective:
         ``ratio`` steps."""
         return ttur_players(self.generator, self.fake, lr_generator, lr_critic, ratio, **kwargs)
 
-    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator,
+                shared: torch.Generator | None = None) -> dict:
         z, labels = self.sample_latents(self.batch_size, rng)
         with torch.set_grad_enabled("generator" in updating):
             return {"x": self.generator(z, labels), "labels": labels}
@@ -379,28 +395,37 @@ class RegressionObjective:
     """DMD1's regression loss alone (DMD eq. 9) on teacher ODE pairs (z, y): the warm start DMD2 gives its
     one-step SDXL generator before distribution matching, and a cheap way to start any one-step student near the
     teacher. ``distance`` is per-sample, shape (batch,) (DMD: LPIPS on images). ``labels`` (one per pair) make it
-    a class-conditional generator's warm start, G(z, label)."""
+    a class-conditional generator's warm start, G(z, label); ``conditions`` (a conditions dict with one row per pair,
+    e.g. each pair's prompt embeddings) a text-conditional one's, G(z, **conditions)."""
 
     def __init__(self, generator: nn.Module, pairs: tuple[Tensor, Tensor], batch_size: int = 256,
                  distance: Callable[[Tensor, Tensor], Tensor] = dmd.mean_squared_distance,
-                 labels: Tensor | None = None):
+                 labels: Tensor | None = None, conditions: dict | None = None):
         z, y = pairs
         if z.shape[0] != y.shape[0] or z.shape[0] < 1:
             raise ValueError(f"pairs must be (noise, teacher samples) with one non-zero length; got {z.shape[0]} "
                              f"and {y.shape[0]}")
         if labels is not None and labels.shape != (z.shape[0],):
             raise ValueError(f"labels must give one class per pair, shape ({z.shape[0]},); got {tuple(labels.shape)}")
+        if labels is not None and conditions is not None:
+            raise ValueError("give each pair a class label or a conditions dict, not both")
+        if conditions is not None and batch_sizes(conditions) != {z.shape[0]}:
+            raise ValueError(f"conditions must have one row per pair ({z.shape[0]}); got batch sizes "
+                             f"{sorted(batch_sizes(conditions))}")
         self.generator, self.pairs, self.batch_size, self.distance = generator, pairs, batch_size, distance
-        self.labels = labels
+        self.labels, self.conditions = labels, conditions
 
-    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator,
+                shared: torch.Generator | None = None) -> dict:
         z, y = self.pairs
         pick = torch.randint(0, z.shape[0], (self.batch_size,), generator=rng, device=rng.device).to(z.device)
         inputs = (z[pick],) if self.labels is None else (z[pick], self.labels[pick])
-        return {"inputs": inputs, "y": y[pick]}
+        conditions = select_conditions(self.conditions, pick) if self.conditions is not None else {}
+        return {"inputs": inputs, "conditions": conditions, "y": y[pick]}
 
     def loss(self, name: str, context: dict, rng: torch.Generator):
-        loss = dmd.regression_loss(self.generator(*context["inputs"]), context["y"], self.distance)
+        loss = dmd.regression_loss(self.generator(*context["inputs"], **context["conditions"]), context["y"],
+                                   self.distance)
         return loss, {"regression_loss": loss.detach()}
 
 
@@ -417,7 +442,8 @@ class DenoiserObjective:
         self.batch_size, self.weighting, self.sigma_data = batch_size, weighting, sigma_data
         self.sigma_sampler = sigma_sampler
 
-    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict:
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator,
+                shared: torch.Generator | None = None) -> dict:
         return {"x0": self.sample_data(self.batch_size, rng)}
 
     def loss(self, name: str, context: dict, rng: torch.Generator):

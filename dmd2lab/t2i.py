@@ -25,12 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from . import dmd
-from .diffusion import NoiseSchedule, per_sample_sigma, x0_from_vp_prediction
+from .diffusion import NoiseSchedule, edm_sampler, per_sample_sigma, x0_from_vp_prediction
 from .dmd import GANHead
 from .image_models import VPDenoiser, bottleneck
-from .objective import CriticWithHead, DMD2Objective, DMD2Settings, bind, concat_conditions
+from .objective import (CriticWithHead, DMD2Objective, DMD2Settings, RegressionObjective, batch_sizes, bind,
+                        concat_conditions, select_conditions)
 from .t2i_models import KINDS, T2IParts, export_lora, export_pipeline
-from .train import Trainer, TrainConfig
+from .train import Player, Trainer, TrainConfig, latest_checkpoint
 
 #: The paper's settings per teacher (DMD2 Sec. 5.2 and its appendix; DESIGN.md "The method"). SDXL: batch 128,
 #: lr 5e-7, TTUR 5, GAN 5e-3 / 1e-2, guidance 8, a 4-step student (the 1-step one uses t = 399). SD1.5: batch
@@ -124,16 +125,6 @@ def prompt_sampler(conditioner: TextConditioner, prompts: Sequence[str]) -> Call
     return sample
 
 
-def select_conditions(conditions: dict, index: Tensor) -> dict:
-    """Rows ``index`` of every tensor of a (nested) conditions dict."""
-    return {k: select_conditions(v, index) if isinstance(v, dict) else v[index.to(v.device)]
-            for k, v in conditions.items()}
-
-
-def _batch_sizes(conditions: dict) -> set[int]:
-    return set().union(*(_batch_sizes(v) if isinstance(v, dict) else {v.shape[0]} for v in conditions.values()))
-
-
 def _structure(conditions: dict) -> dict:
     return {k: _structure(v) if isinstance(v, dict) else tuple(v.shape[1:]) for k, v in conditions.items()}
 
@@ -144,9 +135,9 @@ def pair_sampler(latents: Tensor, conditions: dict, device=None
     Sec. 4.3; for text: VAE latents of captioned images, ``scaling_factor`` applied, with their own captions'
     embeddings and size/crop ids). Drawn uniformly with replacement; moved to ``device``."""
     n_real = latents.shape[0]
-    if _batch_sizes(conditions) != {n_real}:
+    if batch_sizes(conditions) != {n_real}:
         raise ValueError(f"every real conditions tensor must have one row per latent ({n_real}); got batch sizes "
-                         f"{sorted(_batch_sizes(conditions))}")
+                         f"{sorted(batch_sizes(conditions))}")
     device = latents.device if device is None else torch.device(device)
 
     def sample(n: int, rng: torch.Generator) -> tuple[Tensor, dict]:
@@ -255,7 +246,7 @@ def trainable_text_denoiser(teacher: TextDenoiser, lora: bool = False, rank: int
 
 class ConditioningTimestepGenerator(nn.Module):
     """DMD2's one-step text-to-image generator: the student UNet on pure noise z ~ N(0, I) labelled timestep t
-    (SDXL: 399, after a regression warm start that is not part of this module; SD1.5: 999), x = its x0-prediction
+    (SDXL: 399, after a regression warm start, :func:`regression_warm_start`; SD1.5: 999), x = its x0-prediction
     (DMD2 Sec. 5.2).
 
     In the VE frame the VP input z at t is x_ve = z / sqrt(a_t) = z sqrt(1 + sigma_t^2), so G(z) =
@@ -292,7 +283,13 @@ class T2IConfig:
     ``lora_lr`` (5e-5 with rank 64, alpha 8: DMD2's LoRA setting; the adapter starts at B = 0 and its change of the
     weights, (alpha / rank) B A, is scaled by 1/8, so at the full model's 5e-7 it would barely leave the teacher).
     ``critic_lr`` None = the generator's lr (DMD2 uses one lr for both), or ``lora_lr`` for a LoRA critic.
-    ``image_size``: the (height, width) the size/crop ids claim (None: the UNet's native size)."""
+    ``image_size``: the (height, width) the size/crop ids claim (None: the UNet's native size).
+    ``warm_start_steps`` > 0 (one-step generator only): first fit the generator to ``warm_start_pairs`` teacher ODE
+    pairs (``warm_start_ode_steps`` Heun steps of the guided teacher each) with DMD1's regression loss at
+    ``warm_start_lr``, as DMD2 starts its one-step SDXL (Sec. 5.2); skipped when the run resumes from a checkpoint.
+    ``gradient_accumulation``, ``fsdp``, ``fsdp_min_params``: the training loop's scale settings
+    (:class:`~dmd2lab.train.TrainConfig`; docs/scaling.md): ``batch_size`` is one micro-batch, so the global batch is
+    batch_size x ranks x gradient_accumulation (SDXL's 128 = 2 x 8 GPUs x 8)."""
 
     kind: str = "sdxl"
     prompts: list[str] = field(default_factory=list)
@@ -324,6 +321,13 @@ class T2IConfig:
     mixed_precision: str = "no"
     progress: bool = False
     time_limit_s: float = 0.0
+    gradient_accumulation: int = 1
+    fsdp: bool | None = None
+    fsdp_min_params: int | None = None
+    warm_start_pairs: int = 0
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-5
+    warm_start_ode_steps: int = 25
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -341,7 +345,11 @@ class T2IConfig:
             raise ValueError("backward_simulation=False only applies to a multi-step student (student_steps > 1)")
         if not self.guidance >= 1:
             raise ValueError(f"guidance must be >= 1; got {self.guidance}")
-        for name in ("lr", "critic_lr", "lora_lr"):
+        if self.warm_start_steps and (self.student_steps != 1 or self.warm_start_pairs < 1):
+            raise ValueError("the regression warm start (warm_start_steps > 0) is the one-step generator's "
+                             "(student_steps=1) and needs warm_start_pairs >= 1 teacher ODE pairs; got "
+                             f"student_steps={self.student_steps}, warm_start_pairs={self.warm_start_pairs}")
+        for name in ("lr", "critic_lr", "lora_lr", "warm_start_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
 
@@ -363,6 +371,7 @@ class T2IDistillation:
     config: T2IConfig
     timesteps: tuple[int, ...]
     schedule: NoiseSchedule
+    warm_start_log: list[dict] = field(default_factory=list)
 
     @property
     def objective(self) -> DMD2Objective:
@@ -450,8 +459,74 @@ def build_t2i_distillation(parts: T2IParts, config: T2IConfig, real_latents: Ten
     players = objective.players(config.lora_lr if config.generator_lora else config.lr, config.critic_lr,
                                 config.ratio, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
                                 ema_decay=config.ema_decay)
+    warm_start_log = []
+    if config.warm_start_steps and (out_dir is None or latest_checkpoint(out_dir) is None):
+        # Before the training loop takes the generator (and, under FSDP, shards it); a resumed run's generator comes
+        # from its checkpoint instead.
+        pairs = teacher_ode_pairs(real, conditioner, config.prompts, parts.latent_shape, schedule,
+                                  config.warm_start_pairs, config.warm_start_ode_steps, config.seed)
+        warm_start_log = regression_warm_start(generator, pairs, config.warm_start_steps, config.warm_start_lr,
+                                               seed=config.seed)
     train_config = TrainConfig(steps=config.steps, seed=config.seed, log_every=config.log_every,
                                checkpoint_every=config.checkpoint_every, progress=config.progress,
-                               mixed_precision=config.mixed_precision, time_limit_s=config.time_limit_s)
+                               mixed_precision=config.mixed_precision, time_limit_s=config.time_limit_s,
+                               gradient_accumulation=config.gradient_accumulation, fsdp=config.fsdp,
+                               fsdp_min_params=config.fsdp_min_params)
     return T2IDistillation(Trainer(objective, players, train_config, out_dir), generator, critic, real, conditioner,
-                           parts, config, timesteps, schedule)
+                           parts, config, timesteps, schedule, warm_start_log)
+
+
+# ------------------------------------------------------------------------------------- the one-step warm start
+@torch.no_grad()
+def teacher_ode_pairs(real: Callable, conditioner: TextConditioner, prompts: Sequence[str],
+                      latent_shape: tuple[int, ...], schedule: NoiseSchedule, n: int, num_steps: int = 25,
+                      seed: int = 0, batch_size: int = 8) -> tuple[Tensor, Tensor, dict]:
+    """(z, y, conditions): n noises, the guided teacher's (``real``) deterministic ODE sample from each (EDM's Heun
+    sampler over the teacher's own sigma range, ``num_steps`` steps) and the conditions of the prompt each was made
+    for (``prompts`` in turn). DMD2's one-step SDXL starts from DMD1's regression on such pairs (Sec. 5.2): its
+    generator on pure noise at t = 399 is far from the teacher's many-step map."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((n,) + tuple(latent_shape), generator=g).to(conditioner.device)
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    ys, conditions = [], None
+    for start in range(0, n, batch_size):
+        batch = conditioner.encode(chosen[start:start + batch_size])
+        ys.append(edm_sampler(bind(real, batch), z[start:start + batch_size], num_steps,
+                              float(schedule.sigmas[0]), float(schedule.sigmas[-1])))
+        conditions = batch if conditions is None else concat_conditions(conditions, batch)
+    return z, torch.cat(ys), conditions
+
+
+def regression_warm_start(generator: nn.Module, pairs: tuple[Tensor, Tensor, dict], steps: int, lr: float = 1e-5,
+                          batch_size: int = 4, seed: int = 0) -> list[dict]:
+    """Fit a one-step generator to teacher ODE pairs with DMD1's regression loss (DMD eq. 9; mean squared error on
+    latents, where DMD used LPIPS on images) before distribution matching; returns the loss log. In place, with an
+    optimizer of its own."""
+    if not isinstance(generator, ConditioningTimestepGenerator):
+        raise ValueError("the regression warm start is for the one-step generator (student_steps=1); a K-step student "
+                         "starts as the teacher itself")
+    z, y, conditions = pairs
+    objective = RegressionObjective(generator, (z, y), batch_size, conditions=conditions)
+    trainer = Trainer(objective, {"generator": Player(generator, lr)},
+                      TrainConfig(steps=steps, seed=seed, log_every=max(steps // 20, 1), fsdp=False))
+    return trainer.fit()
+
+
+@torch.no_grad()
+def first_dm_update(run: "T2IDistillation", prompts: Sequence[str], sigma: float = 2.0, seed: int = 0) -> dict:
+    """The DM update of the untrained distillation, fake - real = critic - guided teacher, against -(w - 1)(mu_c - mu_u):
+    with critic and generator copies of the teacher, DMD2's first update on a guided teacher is exactly the CFG
+    augmentation term (Decoupled DMD's name for it). Returns the largest relative difference and the update's mean
+    size, at noise level ``sigma`` on noised random latents."""
+    g = torch.Generator().manual_seed(seed)
+    device = run.conditioner.device
+    conditions = run.conditioner.encode(list(prompts))
+    x = torch.randn((len(prompts),) + run.parts.latent_shape, generator=g).to(device) * math.sqrt(1 + sigma ** 2)
+    sigmas = torch.full((len(prompts),), float(sigma), device=device)
+    update = run.critic(x, sigmas, **conditions).double() - run.real(x, sigmas, **conditions).double()
+    teacher = run.real.denoiser
+    cond = teacher(x, sigmas, **conditions).double()
+    uncond = teacher(x, sigmas, **run.conditioner.unconditional(conditions)).double()
+    augmentation = -(run.config.guidance - 1) * (cond - uncond)
+    return {"relative_error": float((update - augmentation).abs().max() / augmentation.abs().max()),
+            "update_abs_mean": float(update.abs().mean())}

@@ -15,6 +15,7 @@ those models between disk and memory; the method itself is in :mod:`dmd2lab.t2i`
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import tempfile
@@ -63,8 +64,10 @@ class T2IParts:
         return (self.unet.config.in_channels,) + size
 
     def to(self, device=None, dtype=None) -> "T2IParts":
+        # Only the arguments given: diffusers warns about a dtype cast whenever ``dtype`` is passed, even as None.
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.unet, self.vae, *self.text_encoders):
-            module.to(device=device, dtype=dtype)
+            module.to(**moves)
         return self
 
 
@@ -166,6 +169,13 @@ def folder_kind(folder: str | Path, kind: str | None = None) -> str:
     return found
 
 
+def require_complete(folder: Path, kind: str, variant: str | None = None):
+    """Raise one FileNotFoundError listing every file a pipeline folder lacks and how to get them."""
+    missing = missing_files(folder, kind, variant)
+    if missing:
+        raise FileNotFoundError(f"folder {folder} lacks {', '.join(missing)}. " + _how_to_get(kind, str(folder)))
+
+
 def load_t2i_parts(pretrained: str | Path, kind: str | None = None, torch_dtype: torch.dtype | None = None,
                    variant: str | None = None, device=None) -> T2IParts:
     """SDXL or SD1.5 parts from a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder[_2]/``,
@@ -179,9 +189,7 @@ def load_t2i_parts(pretrained: str | Path, kind: str | None = None, torch_dtype:
 
     folder = resolve_folder(pretrained, kind, variant)
     kind = folder_kind(folder, kind)
-    missing = missing_files(folder, kind, variant)
-    if missing:
-        raise FileNotFoundError(f"folder {folder} lacks {', '.join(missing)}. " + _how_to_get(kind, str(folder)))
+    require_complete(folder, kind, variant)
     scheduler_class = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
     try:
         weights = dict(torch_dtype=torch_dtype, variant=variant)
@@ -305,7 +313,11 @@ def lcm_scheduler(scheduler, timesteps: tuple[int, ...]):
     the student's step count makes its default K-step schedule T-1, T-1-T/K, ... = the training timesteps (999/749/
     499/249 for K = 4; with the default 50 it would be 999/759/499/259, and passing ``timesteps=`` would warn)."""
     from diffusers import LCMScheduler
-    return LCMScheduler.from_config(scheduler.config, original_inference_steps=len(timesteps))
+    # Only the settings LCMScheduler takes: the teacher's sampler-specific ones (Euler's sigma options) would be
+    # saved with the export and warned about at every load.
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    config = {k: v for k, v in scheduler.config.items() if k in accepted}
+    return LCMScheduler.from_config(config, original_inference_steps=len(timesteps))
 
 
 def is_lora(unet: nn.Module) -> bool:

@@ -5,8 +5,10 @@ denoiser). Each player has its own optimizer and updates every ``every`` steps, 
 update rule (TTUR): the critic updates every step, the generator every ``ratio`` steps (DMD2 Sec. 4.1). The loop
 knows nothing of backends; an objective provides
 
-    prepare(step, updating: list[str], rng) -> context     # e.g. the generator batch, with grad iff needed
+    prepare(step, updating: list[str], rng, shared) -> context  # e.g. the generator batch, with grad iff needed
     loss(name, context, rng) -> (loss tensor, {name: tensor} diagnostics)
+
+``rng`` is the micro-batch's own random stream; ``shared`` one that the whole global batch of the step draws alike.
 
 Players update in the order they are given (DMD2: generator first, then the critic on the same batch,
 detached). Gradients of every player are cleared before each backward, so a loss that flows through another
@@ -82,7 +84,8 @@ class Player:
 
 
 class Objective(Protocol):
-    def prepare(self, step: int, updating: list[str], rng: torch.Generator) -> dict: ...
+    def prepare(self, step: int, updating: list[str], rng: torch.Generator,
+                shared: torch.Generator | None = None) -> dict: ...
     def loss(self, name: str, context: dict, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
@@ -214,9 +217,9 @@ class Trainer:
             self.optimizers[name].zero_grad(set_to_none=True)
         # Per player, in update order, so log.csv keeps each player's columns together: its logs, then its grad norm.
         totals: dict[str, dict[str, float]] = {name: {} for name in updating}
-        for rng in self._micro_batch_streams():
+        for rng, shared in self._micro_batch_streams():
             with self._autocast():
-                context = self.objective.prepare(self.step, updating, rng)
+                context = self.objective.prepare(self.step, updating, rng, shared)
             for name in updating:
                 with self._autocast():
                     loss, logs = self.objective.loss(name, context, rng)
@@ -248,11 +251,15 @@ class Trainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
 
-    def _micro_batch_streams(self) -> list[torch.Generator]:
-        """The random generators of this rank's micro-batches of this step (see :mod:`dmd2lab.distributed`)."""
+    def _micro_batch_streams(self) -> list[tuple[torch.Generator, torch.Generator]]:
+        """(its own stream, the step's shared stream) for each of this rank's micro-batches of this step (see
+        :mod:`dmd2lab.distributed`). The shared stream starts afresh for every micro-batch, so draws from it agree
+        across the global batch; with one micro-batch both are the trainer's one generator."""
         if self.micro_batches == 1:
-            return [self.rng]
-        return [distributed.micro_batch_generator(self.config.seed, self.step, i, self.rng.device)
+            return [(self.rng, self.rng)]
+        device = self.rng.device
+        return [(distributed.micro_batch_generator(self.config.seed, self.step, i, device),
+                 distributed.step_generator(self.config.seed, self.step, device))
                 for i in distributed.micro_batch_indices(self.config.gradient_accumulation)]
 
     def _backward_into(self, name: str, loss: Tensor):

@@ -151,3 +151,15 @@ def test_fsdp_on_one_rank_matches_one_process(teacher, one_process, tmp_path):
             "gradient_accumulation=2"])
     sharded_run(tmp_path, 1)
     assert_same_curve(losses(tmp_path), losses(one_process)[:3], FSDP_RTOL)
+
+
+def test_a_four_step_student_under_fsdp_draws_one_step_index_for_all_ranks(teacher, tmp_path):
+    """Backward simulation runs the student k times without grad; under FSDP each run gathers its shards, so every
+    rank must draw the same k (DMD2: one per global batch), or the ranks' collectives stop pairing up."""
+    four = [*RUN, f"teacher={teacher}", "steps=3", "student_steps=4"]
+    launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "dmd2lab", "distill", "--config",
+            CONFIG, "--out", str(tmp_path / "two"), "--set", *four, "fsdp=true"])
+    sharded_run(tmp_path / "two", 2)
+    assert main(["distill", "--config", CONFIG, "--out", str(tmp_path / "one"), "--set", *four,
+                 "gradient_accumulation=2"]) == 0
+    assert_same_curve(losses(tmp_path / "two"), losses(tmp_path / "one"), FSDP_RTOL)

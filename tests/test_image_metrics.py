@@ -211,15 +211,6 @@ def test_classifier_fid_agrees_with_torchmetrics_fid_on_the_same_features(classi
 
 # -------------------------------------------------------------------------------------- the FID Inception
 @pytest.fixture(scope="module")
-def inception():
-    try:
-        inception_path()
-    except FileNotFoundError as error:
-        pytest.skip(f"FID Inception file absent: {error}")
-    return InceptionFeatures()
-
-
-@pytest.fixture(scope="module")
 def gray():
     """4 small (16 x 16) grayscale images, a square on each."""
     return squares(4, seed=2)[0][:, :, ::2, ::2]

@@ -415,3 +415,46 @@ def test_student_latents_follow_the_k_step_schedule(sdxl):
     assert torch.equal(latents, run.sample_latents(["the cat", "a red dog"], seed=1))
     schedule = NoiseSchedule.from_diffusers(sdxl.scheduler)
     assert run.objective.settings.student_sigmas == tuple(float(schedule.sigmas[t]) for t in (999, 749, 499, 249))
+
+
+# ------------------------------------------------------------------------------ first update, warm start
+def test_the_first_dm_update_on_a_guided_teacher_is_exactly_cfg_augmentation(sdxl):
+    first = t2i.first_dm_update(build(sdxl), PROMPTS, sigma=2.0, seed=3)
+    assert first["relative_error"] < 1e-5 and first["update_abs_mean"] > 1e-3
+
+
+def test_the_regression_warm_start_fits_the_one_step_generator_to_teacher_ode_pairs(sdxl):
+    run = build(sdxl, student_steps=1, gan_generator_weight=0, gan_discriminator_weight=0)
+    z, y, conditions = pairs = t2i.teacher_ode_pairs(run.real, run.conditioner, PROMPTS, sdxl.latent_shape,
+                                                     run.schedule, 8, num_steps=3, seed=0, batch_size=4)
+    assert y.shape == z.shape and torch.isfinite(y).all()
+    assert t2i.select_conditions(conditions, torch.tensor([4]))["encoder_hidden_states"].equal(
+        run.conditioner.encode([PROMPTS[0]])["encoder_hidden_states"])  # prompts in turn: pair 4 is prompt 0's
+
+    def regression_error():
+        with torch.no_grad():
+            return float(((run.generator(z, **conditions) - y) ** 2).mean())
+    before = regression_error()
+    log = t2i.regression_warm_start(run.generator, pairs, steps=30, lr=1e-3, batch_size=8)
+    assert log[-1]["regression_loss"] < log[0]["regression_loss"] and regression_error() < 0.8 * before
+    with pytest.raises(ValueError, match="one-step generator"):
+        t2i.regression_warm_start(build(sdxl).generator, pairs, steps=1)
+
+
+def test_a_one_step_recipe_with_a_warm_start_runs_it_before_distilling_and_not_on_resume(sdxl, tmp_path):
+    settings = dict(student_steps=1, warm_start_pairs=4, warm_start_steps=3, warm_start_ode_steps=2, lr=1e-3,
+                    checkpoint_every=1)
+    run = t2i.build_t2i_distillation(sdxl, tiny_config(**settings), *real_pairs(sdxl), out_dir=tmp_path)
+    assert [row["step"] for row in run.warm_start_log] == [1, 2, 3]
+    run.trainer.fit()
+    resumed = t2i.build_t2i_distillation(sdxl, tiny_config(**settings, steps=3), *real_pairs(sdxl), out_dir=tmp_path)
+    assert resumed.warm_start_log == []
+    with pytest.raises(ValueError, match="one-step generator"):
+        tiny_config(warm_start_pairs=4, warm_start_steps=3)
+
+
+def test_regression_pairs_need_one_row_of_conditions_per_pair():
+    from dmd2lab.objective import RegressionObjective
+    with pytest.raises(ValueError, match="one row per pair"):
+        RegressionObjective(torch.nn.Linear(2, 2), (torch.zeros(4, 2), torch.zeros(4, 2)),
+                            conditions={"encoder_hidden_states": torch.zeros(3, 5)})

@@ -20,7 +20,7 @@ class Recorder:
     def __init__(self, modules, nan_at=None, nan_grad_at=None):
         self.modules, self.calls, self.nan_at, self.nan_grad_at = modules, [], nan_at, nan_grad_at
 
-    def prepare(self, step, updating, rng):
+    def prepare(self, step, updating, rng, shared=None):
         return {"step": step, "x": torch.randn(4, 2, generator=rng)}
 
     def loss(self, name, context, rng):
