@@ -513,10 +513,10 @@ def regression_warm_start(generator: nn.Module, pairs: tuple[Tensor, Tensor, dic
 
 
 @torch.no_grad()
-def first_dm_update(run: "T2IDistillation", prompts: Sequence[str], sigma: float = 2.0, seed: int = 0) -> dict:
-    """The DM update of the untrained distillation, fake - real = critic - guided teacher, against -(w - 1)(mu_c - mu_u):
-    with critic and generator copies of the teacher, DMD2's first update on a guided teacher is exactly the CFG
-    augmentation term (Decoupled DMD's name for it). Returns the largest relative difference and the update's mean
+def first_dm_update(run: T2IDistillation, prompts: Sequence[str], sigma: float = 2.0, seed: int = 0) -> dict:
+    """The DM update of the untrained distillation, fake - real = critic - guided teacher, against
+    -(w - 1)(mu_c - mu_u): with critic and generator copies of the teacher, DMD2's first update on a guided teacher is
+    exactly the CFG augmentation term (Decoupled DMD's name for it). Returns the largest relative difference and the update's mean
     size, at noise level ``sigma`` on noised random latents."""
     g = torch.Generator().manual_seed(seed)
     device = run.conditioner.device
