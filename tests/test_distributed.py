@@ -82,14 +82,6 @@ def assert_same_curve(a: list[dict], b: list[dict], rtol: float):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["train-teacher", "--config", CONFIG, "--out", str(out), "--set", "steps=4", "batch_size=4",
-                 "log_every=2", "checkpoint_every=4", "warmup_steps=1", "progress=False", f"data_root={MINI}"]) == 0
-    return out / "teacher.safetensors"
-
-
-@pytest.fixture(scope="module")
 def one_process(teacher, tmp_path_factory):
     """The reference: one process, two accumulated micro-batches per step (the global batch of two ranks)."""
     out = tmp_path_factory.mktemp("one")

@@ -51,14 +51,6 @@ def curve(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["train-teacher", "--config", CONFIG, "--out", str(out), "--set", "steps=4", "batch_size=4",
-                 "log_every=2", "checkpoint_every=4", "warmup_steps=1", "progress=False", f"data_root={MINI}"]) == 0
-    return out / "teacher.safetensors"
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     assert main(distill_command(out, teacher, 40)) == 0
