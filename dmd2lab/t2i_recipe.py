@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from . import distributed, t2i_data
-from .t2i_eval import read_prompts
 from .image_recipe import output_folder, resolve_device
 from .t2i import ConditioningTimestepGenerator, T2IConfig, T2IDistillation, add_lora, build_t2i_distillation, \
     student_timesteps
+from .t2i_eval import generate_images, load_pipeline, read_prompts, write_images
 from .t2i_models import export_lora, export_pipeline, folder_kind, lcm_scheduler, load_t2i_parts
 
 SAMPLING_FILE = "dmd2lab_sampling.json"
@@ -176,13 +176,11 @@ def check_student_folder(model: str | Path) -> Path:
 def load_student_pipeline(model: str | Path, timesteps: Sequence[int], device):
     """An exported student as its stock pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline) with an
     LCMScheduler for ``timesteps``, on ``device``."""
-    from diffusers import DiffusionPipeline, LCMScheduler
-    model = check_student_folder(model)
-    pipe = DiffusionPipeline.from_pretrained(str(model))
+    from diffusers import LCMScheduler
+    pipe = load_pipeline(check_student_folder(model), device)
     if not isinstance(pipe.scheduler, LCMScheduler):  # e.g. a teacher folder: sample it the DMD2 way anyway
         pipe.scheduler = lcm_scheduler(pipe.scheduler, tuple(timesteps))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def sample_t2i(model: str | Path, prompts_file: str | Path, out_dir: str | Path, steps: int | None = None,
@@ -198,15 +196,8 @@ def sample_t2i(model: str | Path, prompts_file: str | Path, out_dir: str | Path,
     output_folder(out_dir)
     chosen = sampling_timesteps(model, steps, timesteps)
     pipe = load_student_pipeline(model, chosen, resolve_device(device))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(batch))]
-        images = pipe(batch, timesteps=list(chosen), guidance_scale=0.0, generator=generators).images
-        for j, image in enumerate(images):
-            paths.append(out_dir / f"{start + j:05d}.png")
-            image.save(paths[-1])
+    generated = generate_images(pipe, prompts, chosen, seed=seed, batch_size=batch_size, warmup_batches=0)
+    paths = write_images(generated.images, out_dir)
     rows = [json.dumps({"file_name": p.name, "text": text}) for p, text in zip(paths, prompts)]
     (out_dir / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return paths
