@@ -183,8 +183,7 @@ def is_student(pipe, folder: str | Path | None = None) -> bool:
     """Whether a pipeline is a distilled student: its folder has ``dmd2lab_sampling.json``
     (:func:`~dmd2lab.t2i_models.export_pipeline`) or it samples with an LCMScheduler (DMD2's released models)."""
     from diffusers import LCMScheduler
-    return (folder is not None and (Path(folder) / "dmd2lab_sampling.json").is_file()) or isinstance(
-        pipe.scheduler, LCMScheduler)
+    return tm.saved_timesteps(folder) is not None or isinstance(pipe.scheduler, LCMScheduler)
 
 
 def sampling_arguments(pipe, folder: str | Path | None = None, timesteps: Sequence[int] | None = None,
@@ -202,9 +201,7 @@ def sampling_arguments(pipe, folder: str | Path | None = None, timesteps: Sequen
         if num_inference_steps is not None:
             raise ValueError("a student samples at its timesteps: pass timesteps=, not num_inference_steps=")
         if timesteps is None:
-            saved = Path(folder) / "dmd2lab_sampling.json" if folder is not None else None
-            timesteps = (json.loads(saved.read_text())["timesteps"] if saved is not None and saved.is_file()
-                         else STUDENT_TIMESTEPS)
+            timesteps = tm.saved_timesteps(folder) or STUDENT_TIMESTEPS
         return {"timesteps": [int(t) for t in timesteps],
                 "guidance_scale": 0.0 if guidance_scale is None else float(guidance_scale)}
     if timesteps is not None:

@@ -336,6 +336,10 @@ def merged_unet(unet: nn.Module) -> nn.Module:
     return merged
 
 
+#: Written beside an exported student's parts: the timesteps it samples at (stock pipelines read no such thing).
+SAMPLING_FILE = "dmd2lab_sampling.json"
+
+
 def export_pipeline(student_unet: nn.Module, teacher: T2IParts | str | Path, out_dir: str | Path,
                     timesteps: tuple[int, ...] = (999, 749, 499, 249)) -> Path:
     """Write the student as a stock diffusers pipeline folder: the teacher's VAE, text encoders and tokenizers, the
@@ -348,10 +352,16 @@ def export_pipeline(student_unet: nn.Module, teacher: T2IParts | str | Path, out
     unet = merged_unet(student_unet)
     pipe = pipeline_from_parts(parts, unet=unet, scheduler=lcm_scheduler(parts.scheduler, timesteps))
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
-    (out_dir / "dmd2lab_sampling.json").write_text(json.dumps(
+    (out_dir / SAMPLING_FILE).write_text(json.dumps(
         {"timesteps": list(timesteps), "guidance_scale": 0.0, "scheduler": "LCMScheduler",
          "teacher": parts.source}, indent=2))
     return out_dir
+
+
+def saved_timesteps(folder: str | Path | None) -> tuple[int, ...] | None:
+    """The timesteps an exported student samples at (its ``dmd2lab_sampling.json``), None for any other folder."""
+    path = Path(folder) / SAMPLING_FILE if folder is not None else None
+    return tuple(json.loads(path.read_text())["timesteps"]) if path is not None and path.is_file() else None
 
 
 def export_lora(student_unet: nn.Module, out_dir: str | Path, kind: str) -> Path:

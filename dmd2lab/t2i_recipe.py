@@ -25,10 +25,8 @@ from .image_recipe import output_folder, resolve_device
 from .t2i import ConditioningTimestepGenerator, T2IConfig, T2IDistillation, add_lora, build_t2i_distillation, \
     student_timesteps
 from .t2i_eval import generate_images, load_pipeline, read_prompts, write_images
-from .t2i_models import export_lora, export_pipeline, folder_kind, lcm_scheduler, load_t2i_parts
-
-SAMPLING_FILE = "dmd2lab_sampling.json"
-
+from .t2i_models import (SAMPLING_FILE, export_lora, export_pipeline, folder_kind, lcm_scheduler,
+                         load_t2i_parts, saved_timesteps)
 
 @dataclass
 class T2IRecipe(T2IConfig):
@@ -143,8 +141,7 @@ def sampling_timesteps(model: Path, steps: int | None = None, timesteps: Sequenc
     """The timesteps to sample an exported student at: ``timesteps`` as given; ``steps`` K: the folder's own when
     it has K of them (a 1-step SDXL student's is 399, not 999), else T-1, T-1-T/K, ... (DMD2 Sec. 4.5); neither: the
     folder's own (``dmd2lab_sampling.json``, written by the export)."""
-    saved_file = model / SAMPLING_FILE
-    saved = tuple(json.loads(saved_file.read_text())["timesteps"]) if saved_file.is_file() else None
+    saved = saved_timesteps(model)
     if timesteps:
         chosen = tuple(int(t) for t in timesteps)
         if steps is not None and steps != len(chosen):
