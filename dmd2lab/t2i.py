@@ -17,6 +17,7 @@ The text backend supplies what every backend supplies (DESIGN.md, "The shape"):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -67,7 +68,8 @@ class TextConditioner:
     - SD1.5: the last hidden state of its one encoder.
 
     :meth:`unconditional` is the guidance's unconditional input: SDXL zero embeddings (DMD2's choice, and what SDXL's
-    pipeline uses for an empty negative prompt), keeping the time ids; SD1.5 the empty prompt's embeddings."""
+    pipeline uses when no negative prompt is given, ``force_zeros_for_empty_prompt``), keeping the time ids; SD1.5 the
+    empty prompt's embeddings."""
 
     def __init__(self, parts: T2IParts, image_size: tuple[int, int] | None = None):
         self.kind, self.encoders, self.tokenizers = parts.kind, parts.text_encoders, parts.tokenizers
@@ -81,12 +83,18 @@ class TextConditioner:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict:
-        """The conditions dict of a batch of prompts (float32, on the encoders' device)."""
+        """The conditions dict of a batch of prompts (float32, on the encoders' device). Never under autocast: the
+        generator's prompts are encoded inside the training loop's bf16 autocast, the cached real captions outside
+        it, and the GAN head must not learn to tell the two precisions apart."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts; wrap a single prompt in a list")
+        with torch.autocast(self.device.type, enabled=False):
+            return self._encode(list(prompts))
+
+    def _encode(self, prompts: list[str]) -> dict:
         states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
             # SDXL reads the penultimate layer (Podell et al. 2023); SD1.5 the last one.
@@ -488,13 +496,12 @@ def teacher_ode_pairs(real: Callable, conditioner: TextConditioner, prompts: Seq
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n,) + tuple(latent_shape), generator=g).to(conditioner.device)
     chosen = [prompts[i % len(prompts)] for i in range(n)]
-    ys, conditions = [], None
+    ys, batches = [], []
     for start in range(0, n, batch_size):
-        batch = conditioner.encode(chosen[start:start + batch_size])
-        ys.append(edm_sampler(bind(real, batch), z[start:start + batch_size], num_steps,
+        batches.append(conditioner.encode(chosen[start:start + batch_size]))
+        ys.append(edm_sampler(bind(real, batches[-1]), z[start:start + batch_size], num_steps,
                               float(schedule.sigmas[0]), float(schedule.sigmas[-1])))
-        conditions = batch if conditions is None else concat_conditions(conditions, batch)
-    return z, torch.cat(ys), conditions
+    return z, torch.cat(ys), functools.reduce(concat_conditions, batches)
 
 
 def regression_warm_start(generator: nn.Module, pairs: tuple[Tensor, Tensor, dict], steps: int, lr: float = 1e-5,

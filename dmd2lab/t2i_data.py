@@ -301,6 +301,8 @@ def _write_atomic(path: Path, write):
     """Write through a temporary file renamed into place: a killed run leaves the old file or none, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    with open(tmp, "rb") as f:  # on disk before the rename makes it the file
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -353,6 +355,7 @@ def prepare_t2i_cache(pretrained: str | Path, data: str | Path, cache: str | Pat
     todo = [i for i in range(-(-len(pairs) // shard_size))
             if not (i < len(index["shards"]) and (cache / _shard_name(i)).is_file())]
     if todo:
+        index["complete"] = False  # a resumed cache that lost a shard is unfinished until it is written again
         _encode_shards(pairs, todo, index, cache, pretrained, kind, resolution, batch_size, device, variant, progress)
     index["complete"] = True
     _save_index(cache, index)
@@ -401,8 +404,10 @@ def finished_index(cache: str | Path) -> dict:
     if index is None:
         raise FileNotFoundError(f"{cache} holds no text-to-image cache ({INDEX} is missing); make it with "
                                 f"`dmd2lab prepare-t2i --pretrained MODEL --data IMAGES --out {cache}`")
-    if not index["complete"]:
-        raise ValueError(f"cache {cache} is unfinished ({len(index['shards'])} shard(s) written); run the same "
+    missing = [entry["file"] for entry in index["shards"] if not (Path(cache) / entry["file"]).is_file()]
+    if not index["complete"] or missing:
+        raise ValueError(f"cache {cache} is unfinished ({len(index['shards'])} shard(s) written"
+                         + (f"; missing: {', '.join(missing)}" if missing else "") + "); run the same "
                          "`dmd2lab prepare-t2i` command again to finish it")
     return index
 

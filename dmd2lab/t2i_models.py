@@ -311,7 +311,9 @@ def lcm_scheduler(scheduler, timesteps: tuple[int, ...]):
     at each step it takes the UNet's x0 prediction and re-noises it with fresh noise to the next timestep (DMD2 Sec.
     4.5's inference), its consistency-boundary skip term being ~0 away from t = 0. ``original_inference_steps`` =
     the student's step count makes its default K-step schedule T-1, T-1-T/K, ... = the training timesteps (999/749/
-    499/249 for K = 4; with the default 50 it would be 999/759/499/259, and passing ``timesteps=`` would warn)."""
+    499/249 for K = 4; with the default 50 it would be 999/759/499/259, and passing ``timesteps=`` would warn). A
+    one-step SDXL student (t = 399) is the exception: its default schedule is [999], so it must be called with
+    ``timesteps=[399]`` (its export's dmd2lab_sampling.json says so; diffusers warns, harmlessly)."""
     from diffusers import LCMScheduler
     # Only the settings LCMScheduler takes: the teacher's sampler-specific ones (Euler's sigma options) would be
     # saved with the export and warned about at every load.
