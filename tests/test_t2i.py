@@ -348,6 +348,31 @@ def test_exported_4_step_sdxl_samples_through_stock_diffusers(sdxl, tmp_path):
     assert json.loads((folder / "dmd2lab_sampling.json").read_text())["timesteps"] == [999, 749, 499, 249]
 
 
+def test_stock_lcm_sampling_of_the_export_is_the_students_own_k_step_sampler(sdxl, tmp_path, monkeypatch):
+    """Oracle: DMD2's inference (Sec. 4.5: predict x0, re-noise it to the next timestep with fresh noise), written out
+    in the VE frame, x <- x0 + sigma_next * noise, with the noise stock LCMScheduler draws, recorded. Given the same
+    first input (z sqrt(1 + sigma_999^2), the VP input z) the two agree to float round-off."""
+    import diffusers.schedulers.scheduling_lcm as lcm
+    run = build(sdxl, steps=1)
+    run.trainer.fit()
+    pipe = stock_pipeline(run.export(tmp_path / "student"))
+    drawn, draw = [], lcm.randn_tensor
+    monkeypatch.setattr(lcm, "randn_tensor", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    z = torch.randn((1,) + sdxl.latent_shape, generator=torch.Generator().manual_seed(3))
+    stock = pipe("the cat", timesteps=list(run.timesteps), guidance_scale=0, height=32, width=32, latents=z.clone(),
+                 output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    sigmas = [float(run.schedule.sigmas[t]) for t in run.timesteps]
+    conditions, student = run.conditioner.encode(["the cat"]), run.trainer.module("generator")
+    x = z * (1 + sigmas[0] ** 2) ** 0.5
+    with torch.no_grad():
+        for k, sigma in enumerate(sigmas):
+            x0 = student(x, torch.full((1,), sigma), **conditions)
+            if k + 1 < len(sigmas):
+                x = x0 + sigmas[k + 1] * drawn[k]
+    assert len(drawn) == len(sigmas) - 1
+    assert (x0 - stock).abs().max() < 1e-4
+
+
 def test_exported_lora_loads_into_the_teachers_pipeline_and_merges_into_a_full_export(sdxl, folders, tmp_path):
     run = build(sdxl, generator_lora=True, steps=1)
     run.trainer.fit()
