@@ -526,12 +526,13 @@ def load_student(path: str | Path, device="cpu") -> tuple[Callable[[int, int], T
 
 def evaluate_models(models: dict[str, tuple[Callable[[int, int], Tensor], int]], reference: Tensor,
                     classifier=None, inception: torch.nn.Module | None = None, num_images: int = 1000,
-                    seed: int = 0, speed_images: int = 64, batch_size: int = 64
+                    seed: int = 0, speed_images: int = 64, batch_size: int = 64, speed_repeats: int = 1
                     ) -> tuple[dict[str, dict], dict[str, Tensor]]:
     """For each name -> (sample(n, seed), network evaluations per image): ``num_images`` samples from the noise of
     ``seed`` (the same noise for every model), their classifier FID against ``reference`` (and Inception FID/KID if
     ``inception``), and images/s measured the same way for all (:func:`~dmd2lab.image_metrics.sampling_speed` on
-    ``speed_images`` images in batches of ``batch_size``, after a warm-up batch). Returns (rows, samples)."""
+    ``speed_images`` images in batches of ``batch_size``, after a warm-up batch; the fastest of ``speed_repeats``
+    timed passes). Returns (rows, samples)."""
     if classifier is None and inception is None:
         raise ValueError("evaluate_models needs a feature network: a classifier, an Inception, or both")
     rows, samples = {}, {}
@@ -544,7 +545,8 @@ def evaluate_models(models: dict[str, tuple[Callable[[int, int], Tensor], int]],
             row["classifier_fid"] = image_metrics.classifier_fid(reference, images, classifier)
         if inception is not None:
             row.update(image_metrics.fid_and_kid(reference, images, inception))
-        row.update(image_metrics.sampling_speed(lambda n: sample(n, seed + 1), speed_images, batch_size, device))
+        row.update(image_metrics.sampling_speed(lambda n: sample(n, seed + 1), speed_images, batch_size, device,
+                                                repeats=speed_repeats))
         rows[name], samples[name] = row, images
     return rows, samples
 
