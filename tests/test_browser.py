@@ -205,10 +205,26 @@ def has_widget(lab: Path) -> bool:
     return any("labs.show_widget(" in c.source for c in nb.cells if c.cell_type == "code")
 
 
+def dismiss_dialogs(page) -> list[str]:
+    """Close JupyterLab's modal dialogs (seen once under load on a fresh server, covering the menu bar) and return
+    their texts, so a failure later can say what was shown."""
+    texts = []
+    dialog = page.locator(".jp-Dialog")
+    while dialog.count():
+        texts.append(" ".join(dialog.first.inner_text().split())[:300])
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
+        if len(texts) >= 3:
+            break
+    return texts
+
+
 def run_all_cells(page, panel, name: str) -> dict:
     """Run > Run All Cells, then wait until the kernel is idle and every code cell has an execution count.
     Fails at once on a traceback, and when execution stops early (a cell left unrun while the kernel idles)."""
+    dialogs = []
     for attempt in range(3):  # right after the page loads the command can still be disabled: open the menu again
+        dialogs += dismiss_dialogs(page)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         item = page.locator('.lm-Menu-item[data-command="runmenu:run-all"]')
         if "lm-mod-disabled" not in (item.get_attribute("class") or ""):
@@ -220,7 +236,7 @@ def run_all_cells(page, panel, name: str) -> dict:
         page.keyboard.press("Escape")
         page.wait_for_timeout(2000)
     else:
-        pytest.fail(f"{name}: Run > Run All Cells did not start the lab (three tries)")
+        pytest.fail(f"{name}: Run > Run All Cells did not start the lab (three tries); dialogs dismissed: {dialogs}")
     started, stalled_since = time.monotonic(), None
     while True:
         state = panel.evaluate(LAB_STATE_JS)
