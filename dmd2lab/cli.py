@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"dmd2lab: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from .distributed import leave_process_group
+        leave_process_group()
     return 1 if failed else 0
 
 

@@ -56,6 +56,13 @@ def process_device(preference: str = "auto") -> torch.device:
     return state.device
 
 
+def leave_process_group():
+    """Close the launch's process group before the process exits (a rank that exits with gloo's threads still up
+    can abort, SIGABRT, after its work is done); nothing in a single process."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
