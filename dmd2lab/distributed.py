@@ -211,11 +211,6 @@ def shard(module: nn.Module, min_params: int, reshard_after_forward: bool = True
     return module
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(module, FSDPModule)
-
-
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
